@@ -1,0 +1,194 @@
+"""How a padded batch shrinks: pure tensor bookkeeping for sequences that lose tokens before the first layer.
+
+Prefill: every image span is rewritten with its selection (output token ``j`` goes to the span's ``j``-th slot,
+taking the embedding and original position of token ``slots[j]``), the dropped slots leave, and each sample is
+re-padded on its original padding side so the last prompt token stays last (what ``generate`` reads logits from).
+
+Decode: ``generate`` keeps counting in the original layout (its attention mask and position ids cover the full
+prompt). :class:`Layout` remembers the compacted prompt so each decode step's mask and positions can be rewritten to
+match the shorter KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmprune.engine.tokens import Selection
+
+
+@dataclass
+class ImageSpan:
+    """Where one image's visual tokens sit in the batch and what survives of them."""
+
+    sample: int
+    positions: torch.Tensor  # (N,) sequence indices of the image's tokens, ascending
+    selection: Selection
+
+
+@dataclass
+class Layout:
+    """The compacted prompt of one prefill, kept for the decode steps that follow it."""
+
+    original_length: int
+    compact_mask: torch.Tensor  # (B, Lc) bool: real (non-padding) tokens of the compacted prompt
+    next_positions: torch.Tensor  # (R, B) next position id per row (R = 1 for 1-D RoPE, 3 or 4 for M-RoPE)
+    position_rows: int  # 0 when the model computed positions itself (position_ids=None), else R
+    mask_dtype: torch.dtype
+
+    @property
+    def compact_length(self) -> int:
+        return int(self.compact_mask.shape[1])
+
+
+def padding_side(mask: torch.Tensor) -> str:
+    """'left' or 'right' for a 2-D 0/1 mask; a batch without padding counts as left-padded."""
+    left = bool((~mask[:, 0]).any())
+    right = bool((~mask[:, -1]).any())
+    if left and right:
+        raise ValueError("the attention mask pads some samples on the left and others on the right; pad one side")
+    return "right" if right else "left"
+
+
+def as_rows(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Position ids as ``(R, B, L)``: 2-D ``(B|1, L)`` becomes one row; M-RoPE ``(3|4, B, L)`` stays."""
+    if position_ids.dim() == 2:
+        return position_ids.expand(batch, -1).unsqueeze(0)
+    if position_ids.dim() == 3:
+        return position_ids.expand(-1, batch, -1)
+    raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected (B, L) or (R, B, L)")
+
+
+def from_rows(rows: torch.Tensor, like_dim: int) -> torch.Tensor:
+    return rows[0] if like_dim == 2 else rows
+
+
+def compact_prefill(
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    spans: list[ImageSpan],
+    policy: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Layout]:
+    """Apply the selections and drop the removed tokens. Returns (embeds, mask, position_ids, layout).
+
+    ``policy`` is ``"renumber"`` (contiguous ids over the kept tokens, counted from the first real token) or
+    ``"original"`` (each token keeps its id; M-RoPE rows included). The returned mask is ``None`` when the compacted
+    batch has no padding and the caller passed none.
+    """
+    batch, length, _ = inputs_embeds.shape
+    device = inputs_embeds.device
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool,
+                                                                               device=device)
+    side = padding_side(real)
+    mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
+
+    if position_ids is None:
+        # What the language model would have used itself: 0..L-1 over the whole (uncached) prompt.
+        rows = torch.arange(length, device=device).expand(1, batch, length)
+    else:
+        rows = as_rows(position_ids, batch)
+    embeds = inputs_embeds.clone()
+    new_rows = rows.clone()
+    keep = real.clone()
+    for span in spans:
+        sel = span.selection
+        k = sel.count
+        slots = span.positions[:k]
+        sources = span.positions[sel.slots.to(device)]
+        if sel.embeds is None:
+            embeds[span.sample, slots] = inputs_embeds[span.sample, sources]
+        else:
+            embeds[span.sample, slots] = sel.embeds.to(embeds.dtype)
+        new_rows[:, span.sample, slots] = rows[:, span.sample, sources]
+        keep[span.sample, span.positions[k:]] = False
+
+    index, compact_mask = compaction_index(keep, side)
+    gathered = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    compact_rows = new_rows.gather(2, index.unsqueeze(0).expand(new_rows.shape[0], -1, -1))
+    renumbered = (compact_mask.long().cumsum(1) - 1).masked_fill(~compact_mask, 0)
+
+    if policy == "renumber":
+        compact_rows = renumbered.unsqueeze(0).expand(compact_rows.shape[0], -1, -1).clone()
+    elif policy != "original":
+        raise ValueError(f"unknown position policy {policy!r}")
+    if compact_rows.shape[0] == 4:
+        # Qwen2-VL's 4-row form: row 0 holds plain text positions, used only to detect packed sequences; it must
+        # stay contiguous or the mask builder would split a sample at every removed token.
+        compact_rows[0] = renumbered
+    compact_rows = compact_rows.masked_fill(~compact_mask.unsqueeze(0), 0)
+    next_positions = compact_rows.masked_fill(~compact_mask.unsqueeze(0), -1).amax(dim=2) + 1
+
+    out_positions: torch.Tensor | None
+    if position_ids is None and policy == "renumber":
+        out_positions = None  # the model's own default (0..Lc-1) is the renumbering
+        position_rows = 0
+        next_positions = torch.full((1, batch), compact_mask.shape[1], device=device, dtype=torch.long)
+    else:
+        out_positions = compact_rows if position_ids is None or position_ids.dim() == 3 else compact_rows[0]
+        position_rows = compact_rows.shape[0]
+    out_mask = None if attention_mask is None and bool(compact_mask.all()) else compact_mask.to(mask_dtype)
+    layout = Layout(
+        original_length=length,
+        compact_mask=compact_mask,
+        next_positions=next_positions,
+        position_rows=position_rows,
+        mask_dtype=mask_dtype,
+    )
+    return gathered, out_mask, out_positions, layout
+
+
+def compaction_index(keep: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source index ``(B, Lc)`` that packs the kept tokens of each row in order, padded on ``side``; and the mask."""
+    batch = keep.shape[0]
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if batch else 0
+    offset = (width - counts) if side == "left" else torch.zeros_like(counts)
+    dest = keep.long().cumsum(dim=1) - 1 + offset.unsqueeze(1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
+    mask = torch.zeros(batch, width, dtype=torch.bool, device=keep.device)
+    index[rows, dest[rows, cols]] = cols
+    mask[rows, dest[rows, cols]] = True
+    return index, mask
+
+
+def decode_inputs(
+    layout: Layout,
+    cache_length: int,
+    query_length: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mask and position ids of a decode step, rewritten from the original layout to the compacted cache."""
+    steps = cache_length - layout.compact_length
+    if steps < 0:
+        raise RuntimeError(f"KV cache holds {cache_length} tokens, fewer than the compacted prompt's "
+                           f"{layout.compact_length}: the cache was not produced by this prefill")
+    batch = layout.compact_mask.shape[0]
+    device = layout.compact_mask.device
+    if attention_mask is not None:
+        expected = layout.original_length + steps + query_length
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != expected:
+            raise ValueError(
+                f"decode attention_mask has shape {tuple(attention_mask.shape)}; after a pruned prefill of "
+                f"{layout.original_length} tokens and {steps} decoded ones, expected (batch, {expected})"
+            )
+        tail = attention_mask[:, layout.original_length:].bool()
+        mask = torch.cat([layout.compact_mask, tail], dim=1).to(layout.mask_dtype)
+    elif bool(layout.compact_mask.all()):
+        mask = None
+    else:
+        tail = torch.ones(batch, steps + query_length, dtype=torch.bool, device=device)
+        mask = torch.cat([layout.compact_mask, tail], dim=1).to(layout.mask_dtype)
+
+    if layout.position_rows == 0 and position_ids is None:
+        return mask, None  # the model counts from the cache length, which is the compacted count
+    offsets = steps + torch.arange(query_length, device=device)
+    rows = layout.next_positions.unsqueeze(-1) + offsets  # (R, B, q)
+    if position_ids is not None and position_ids.dim() == 2:
+        return mask, rows[0]
+    if layout.position_rows in (0, 1):
+        return mask, rows[0]
+    return mask, rows

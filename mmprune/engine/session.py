@@ -1,0 +1,216 @@
+"""Attaching a method to a stock HF VLM: the hooks that take visual tokens out before the first decoder layer.
+
+Three interception points, all removed on detach:
+
+1. a forward pre-hook on the multimodal model (``model.model``) records ``input_ids`` (where the image tokens are);
+2. the model's ``get_image_features`` is wrapped (an instance attribute shadowing the class method) so the adapter
+   can describe each image's tokens to the method;
+3. a forward pre-hook on the language model rewrites its inputs: at prefill it applies the selections and compacts
+   ``inputs_embeds`` / ``attention_mask`` / ``position_ids``; at each later step on the same KV cache it maps the
+   mask and positions that ``generate`` computed for the original layout onto the compacted cache.
+
+The language model keeps its attention implementation (SDPA, FlashAttention); nothing asks it for attention weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mmprune.engine.sequence import ImageSpan, Layout, compact_prefill, decode_inputs
+from mmprune.engine.tokens import Selection, VisualTokens
+
+_MISSING = object()
+
+
+class PruningSession:
+    """One attachment of a pre-LLM method to one model."""
+
+    def __init__(self, pruner: Any, model: nn.Module) -> None:
+        from mmprune.models import adapter_for
+
+        self.pruner = pruner
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.policy = pruner.positions or self.adapter.default_positions
+        if self.policy == "renumber" and not self.adapter.supports_renumber:
+            raise ValueError(
+                f"positions='renumber' is not defined for {self.adapter.family} (M-RoPE (t, h, w) positions); "
+                "use positions='original' or None"
+            )
+        self._handles: list = []
+        self._owner: nn.Module | None = None
+        self._previous_attr: Any = _MISSING
+        self._images: list[VisualTokens] | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._layouts: dict[int, tuple[weakref.ref, Layout]] = {}
+        self._inner_signature = inspect.signature(self.adapter.inner.forward)
+        self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
+
+    # ------------------------------------------------------------------ attach / detach
+    def install(self) -> None:
+        adapter = self.adapter
+        owner = adapter.image_features_owner()
+        original = owner.get_image_features
+        self._owner = owner
+        self._previous_attr = owner.__dict__.get("get_image_features", _MISSING)
+
+        # functools.wraps keeps the signature visible: generate() inspects it to pre-encode images.
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            adapter.captured = {}  # a fresh store per call; the images' lazy fields keep a reference to it
+            output = original(*args, **kwargs)
+            self._images = adapter.build_images(output, args, kwargs)
+            return output
+
+        owner.get_image_features = get_image_features
+        try:
+            self._handles.append(
+                adapter.inner.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True))
+            self._handles.append(
+                adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            self._handles.extend(adapter.install_capture())
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._owner is not None:
+            if self._previous_attr is _MISSING:
+                self._owner.__dict__.pop("get_image_features", None)
+            else:
+                self._owner.get_image_features = self._previous_attr
+            self._owner = None
+        self._images = None
+        self._input_ids = None
+        self._layouts.clear()
+        self.adapter.captured = {}
+
+    # ------------------------------------------------------------------ hooks
+    def _on_multimodal_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._inner_signature.bind_partial(*args, **kwargs).arguments
+        self._input_ids = bound.get("input_ids")
+        # Images reach the forward either as pixels (encoded inside it, through the wrapper) or pre-encoded by
+        # generate() (the wrapper ran just before). A forward with neither carries no image of ours.
+        encoded = bound.get("mm_encoder_outputs") or {}
+        if bound.get("pixel_values") is None and encoded.get("image") is None:
+            self._images = None
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        images, self._images = self._images, None
+        cache = kwargs.get("past_key_values")
+        if images is not None:
+            return args, self._prefill(module, kwargs, images, cache)
+        if cache is not None and id(cache) in self._layouts:
+            ref, layout = self._layouts[id(cache)]
+            if ref() is cache:
+                return args, self._decode(kwargs, layout, cache)
+        return None
+
+    # ------------------------------------------------------------------ prefill / decode
+    def _prefill(self, module: nn.Module, kwargs: dict, images: list[VisualTokens], cache: Any) -> dict:
+        if self._input_ids is None:
+            raise ValueError("mmprune locates image tokens through input_ids; call the model with input_ids "
+                             "(as the HF processor returns them), not inputs_embeds")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("pruning a prompt that continues a non-empty KV cache is not supported; "
+                             "start generation from the full prompt")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("mmprune needs the 2-D (batch, length) attention mask; got a prepared 4-D/dict mask "
+                             "(static or compiled caches are not supported)")
+        embeds = kwargs["inputs_embeds"]
+
+        started = time.perf_counter()
+        spans = self._locate(images, self._input_ids.to(embeds.device))
+        for span, image in zip(spans, images):
+            image.embeds = image.embeds.to(embeds.device, embeds.dtype)
+            span.selection = self.pruner.prune_image(image)
+        if embeds.is_cuda:
+            torch.cuda.synchronize(embeds.device)
+        selection_ms = (time.perf_counter() - started) * 1000.0
+
+        new_embeds, new_mask, new_positions, layout = compact_prefill(
+            embeds, mask, kwargs.get("position_ids"), spans, self.policy)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if cache is None and use_cache:
+            # Created here (not inside the model) so this prefill's layout can be tied to it for the decode steps.
+            cache = DynamicCache(config=module.config)
+            kwargs["past_key_values"] = cache
+        if cache is not None:
+            self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
+            self._layouts[id(cache)] = (weakref.ref(cache), layout)
+        kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
+        self.pruner._stats = self._stats(spans, images, selection_ms)
+        return kwargs
+
+    def _decode(self, kwargs: dict, layout: Layout, cache: Any) -> dict:
+        query = kwargs.get("inputs_embeds")
+        if query is None:
+            query = kwargs.get("input_ids")
+        mask, positions = decode_inputs(layout, cache.get_seq_length(), int(query.shape[1]),
+                                        kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        kwargs.update(attention_mask=mask, position_ids=positions)
+        return kwargs
+
+    def _locate(self, images: list[VisualTokens], input_ids: torch.Tensor) -> list[ImageSpan]:
+        """Assign each image its sequence positions, in the row-major order the model scatters features."""
+        rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
+        total = sum(image.num_tokens for image in images)
+        if rows.numel() != total:
+            raise ValueError(f"input_ids hold {rows.numel()} image tokens but the images produced {total} features")
+        spans, offset, per_sample = [], 0, {}
+        for image in images:
+            n = image.num_tokens
+            sample_rows = rows[offset:offset + n]
+            sample = int(sample_rows[0])
+            if bool((sample_rows != sample).any()):
+                raise ValueError("an image's tokens span two samples of the batch; check the prompt's image tokens")
+            image.sample = sample
+            image.image_in_sample = per_sample.get(sample, 0)
+            per_sample[sample] = image.image_in_sample + 1
+            spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n],
+                                   selection=Selection.identity(n)))
+            offset += n
+        return spans
+
+    def _stats(self, spans: list[ImageSpan], images: list[VisualTokens], selection_ms: float) -> dict:
+        batch = int(self._input_ids.shape[0])
+        samples: list[dict] = [{"images": []} for _ in range(batch)]
+        for span, image in zip(spans, images):
+            sel = span.selection
+            samples[span.sample]["images"].append({
+                "before": image.num_tokens,
+                "after": sel.count,
+                "kept": sel.kept(),
+                "merged": sel.merged,
+            })
+        layers = self.adapter.num_layers
+        for sample in samples:
+            before = sum(i["before"] for i in sample["images"])
+            after = sum(i["after"] for i in sample["images"])
+            sample["visual_tokens_before"] = before
+            sample["visual_tokens_after"] = after
+            sample["tokens_per_layer"] = [after] * layers
+        return {
+            "method": self.pruner.name,
+            "stage": self.pruner.stage,
+            "family": self.adapter.family,
+            "keep": self.pruner.keep,
+            "positions": self.policy,
+            "num_layers": layers,
+            "samples": samples,
+            "selection_ms": selection_ms,
+        }

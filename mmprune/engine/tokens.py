@@ -1,0 +1,159 @@
+"""What a pre-LLM method sees of one image, and what it answers.
+
+``VisualTokens`` is the model-independent view of one image's visual tokens as they enter the LLM. The model
+adapter fills it; methods read only the fields they need. Attention-derived fields are computed lazily (a method
+that never asks for [CLS] attention never pays for it).
+
+``Selection`` is a method's answer: which original token slots survive, in the order the tokens enter the LLM, and
+optionally new embeddings for them (merging methods such as VisionZip and pooling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Lazy = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of an image's visual tokens laid out as a row-major ``rows x cols`` grid of patches.
+
+    ``newline`` marks LLaVA-NeXT's layout, where each row of the grid is followed by one image-newline token, so
+    the segment holds ``rows * (cols + 1)`` tokens.
+    """
+
+    start: int
+    rows: int
+    cols: int
+    newline: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.rows * (self.cols + int(self.newline))
+
+    def patch_indices(self) -> torch.Tensor:
+        """Image-level token indices of the patches (not the newlines), as a ``rows x cols`` grid."""
+        stride = self.cols + int(self.newline)
+        r = torch.arange(self.rows).unsqueeze(1) * stride
+        c = torch.arange(self.cols).unsqueeze(0)
+        return self.start + r + c
+
+    def newline_indices(self) -> torch.Tensor:
+        if not self.newline:
+            return torch.empty(0, dtype=torch.long)
+        return self.start + torch.arange(self.rows) * (self.cols + 1) + self.cols
+
+
+class VisualTokens:
+    """One image's visual tokens as the LLM would receive them, plus what the vision encoder knows about them.
+
+    Attributes:
+        embeds: ``(N, D)`` projected embeddings, the LLM input for this image.
+        segments: the 2-D layout of the tokens (one grid for LLaVA-1.5 and Qwen2-VL; base grid + high-res grid with
+            newline tokens for LLaVA-NeXT). Every token index in ``range(N)`` belongs to exactly one segment.
+        sample: index of the sample (row of the batch) the image belongs to.
+        image_in_sample: index of this image among the images of its sample (0 for the first image).
+        family: the adapter's family name, for methods whose reference treats families differently.
+    """
+
+    def __init__(
+        self,
+        embeds: torch.Tensor,
+        segments: list[Segment],
+        *,
+        sample: int = 0,
+        image_in_sample: int = 0,
+        family: str = "",
+        lazy: dict[str, Lazy] | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.embeds = embeds
+        self.segments = segments
+        self.sample = sample
+        self.image_in_sample = image_in_sample
+        self.family = family
+        self._lazy = dict(lazy or {})
+        self._cache: dict[str, torch.Tensor] = {}
+        self._project = project
+        if sum(s.size for s in segments) != embeds.shape[0]:
+            raise ValueError(
+                f"segments cover {sum(s.size for s in segments)} tokens but the image has {embeds.shape[0]}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` when the image is one plain grid (LLaVA-1.5, Qwen2-VL), else ``None``."""
+        if len(self.segments) == 1 and not self.segments[0].newline:
+            return self.segments[0].rows, self.segments[0].cols
+        return None
+
+    def has(self, name: str) -> bool:
+        return name in self._lazy
+
+    def get(self, name: str) -> torch.Tensor:
+        """A lazily computed encoder-side tensor, e.g. ``"token_attention"``; see the adapters for what exists."""
+        if name not in self._cache:
+            if name not in self._lazy:
+                raise KeyError(
+                    f"this model family ({self.family}) does not provide {name!r}; it provides {sorted(self._lazy)}"
+                )
+            self._cache[name] = self._lazy[name]()
+        return self._cache[name]
+
+    @property
+    def token_attention(self) -> torch.Tensor:
+        """``(heads, N)`` attention each visual token receives in the vision encoder, per head.
+
+        For CLIP towers (LLaVA) this is the [CLS] query's attention row at the feature layer; for towers without
+        [CLS] (Qwen2-VL) the adapter documents its substitute.
+        """
+        return self.get("token_attention")
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Map vision-encoder features (pre-projector) to LLM embeddings with the model's own projector."""
+        if self._project is None:
+            raise KeyError(f"this model family ({self.family}) does not expose its projector to methods")
+        return self._project(features)
+
+
+@dataclass
+class Selection:
+    """A method's answer for one image.
+
+    Attributes:
+        slots: ``(k,)`` long tensor; output token ``j`` takes the place (and, under ``positions="original"``, the
+            position id) of original visual token ``slots[j]``. Output tokens enter the LLM in this order.
+        embeds: optional ``(k, D)`` embeddings for the output tokens. ``None`` means each output token is the
+            original token at its slot, unchanged (pure selection).
+        merged: how many output tokens carry new (merged or pooled) content rather than an original token.
+    """
+
+    slots: torch.Tensor
+    embeds: torch.Tensor | None = None
+    merged: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(self.slots.numel())
+
+    def kept(self) -> list[int]:
+        """Original token indices whose slot survives, ascending."""
+        return sorted(set(self.slots.tolist()))
+
+    @staticmethod
+    def identity(num_tokens: int, device: torch.device | None = None) -> "Selection":
+        return Selection(slots=torch.arange(num_tokens, device=device))
+
+    @staticmethod
+    def of(indices: torch.Tensor) -> "Selection":
+        """A pure selection of ``indices``, put in original order (every reference re-sorts its top-k)."""
+        return Selection(slots=torch.sort(indices.reshape(-1)).values)

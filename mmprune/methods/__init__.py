@@ -1,0 +1,21 @@
+"""What to keep: one file per method, pure tensor logic. Register a new method in ``mmprune/registry.py``."""
+
+from mmprune.methods.base import POSITION_POLICIES, PreLLMPruner, Pruner
+from mmprune.methods.divprune import DivPrunePruner
+from mmprune.methods.fastervlm import FasterVLMPruner
+from mmprune.methods.pool import PoolPruner
+from mmprune.methods.random import RandomPruner
+from mmprune.methods.uniform import UniformPruner
+from mmprune.methods.visionzip import VisionZipPruner
+
+__all__ = [
+    "POSITION_POLICIES",
+    "DivPrunePruner",
+    "FasterVLMPruner",
+    "PoolPruner",
+    "PreLLMPruner",
+    "Pruner",
+    "RandomPruner",
+    "UniformPruner",
+    "VisionZipPruner",
+]

@@ -1,0 +1,62 @@
+"""2-D average pooling of the projected tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mmprune.engine.tokens import Segment, Selection, VisualTokens
+from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.grid import lattice_shape, split_budget
+
+
+@dataclass
+class PoolPruner(PreLLMPruner):
+    """Average-pool each image's token grid down to the budget (the LLaVolta observation as a baseline).
+
+    Paper: "LLaVolta: Efficient Multi-modal Models via Stage-wise Visual Context Compression" (NeurIPS 2024), which
+    reports that average pooling at test time costs little GQA accuracy. As the catalog prescribes for a baseline, we
+    pool after the projector. The grid is pooled with ``adaptive_avg_pool2d`` to the ``r x c`` shape with the most
+    tokens ``<= k`` (ties: aspect closest to the grid's), so 24x24 -> 12x12 at 144 and 8x8 at 64 exactly as stride-2/3
+    pooling; a budget with no such factorisation keeps slightly fewer tokens, reported in the stats. Each pooled token
+    takes the slot (and, under ``positions="original"``, the position) of the centre patch of its window. LLaVA-NeXT:
+    each grid is pooled with its share of the budget; image-newline tokens are not kept.
+    """
+
+    keep: int | float = 0.25
+
+    name: ClassVar[str] = "pool"
+    summary: ClassVar[str] = "2-D average pooling of the projected tokens to the budget (LLaVolta baseline)"
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        segments = tokens.segments
+        shares = split_budget(k, [s.rows * s.cols for s in segments])
+        slots, embeds = [], []
+        for segment, share in zip(segments, shares):
+            if share == 0:
+                continue
+            s, e = pool_segment(tokens.embeds, segment, share)
+            slots.append(s)
+            embeds.append(e)
+        slots_t = torch.cat(slots).to(tokens.embeds.device)
+        return Selection(slots=slots_t, embeds=torch.cat(embeds), merged=int(slots_t.numel()))
+
+
+def pool_segment(embeds: torch.Tensor, segment: Segment, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = segment.patch_indices()
+    rows, cols = grid.shape
+    out_r, out_c = lattice_shape(rows, cols, k)
+    feats = embeds[grid.reshape(-1).to(embeds.device)].reshape(rows, cols, -1).permute(2, 0, 1)
+    pooled = F.adaptive_avg_pool2d(feats.float().unsqueeze(0), (out_r, out_c))[0].to(embeds.dtype)
+    # adaptive pooling windows: [floor(i*n/m), ceil((i+1)*n/m)); their centre patch donates the slot
+    def centres(n: int, m: int) -> torch.Tensor:
+        i = torch.arange(m)
+        start = (i * n) // m
+        end = -((-(i + 1) * n) // m)
+        return (start + end - 1) // 2
+
+    slots = grid[centres(rows, out_r)][:, centres(cols, out_c)].reshape(-1)
+    return slots, pooled.permute(1, 2, 0).reshape(out_r * out_c, -1)

@@ -1,0 +1,34 @@
+"""Uniform 2-D grid sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.grid import split_budget, uniform_grid
+
+
+@dataclass
+class UniformPruner(PreLLMPruner):
+    """Keep ``k`` tokens spread evenly over the image's 2-D patch grid.
+
+    The stride rule ``grid[::r, ::r]`` used inside FEATHER (stride 3 -> 64 of 576) and PruMerge+, generalised to any
+    ``k`` with an even ``linspace`` lattice (see :func:`mmprune.methods.grid.uniform_grid`); a 1-D ``linspace`` over
+    the flattened sequence would be row-biased. On LLaVA-NeXT the budget is split over the base grid and the high-res
+    grid in proportion to their patch counts, and image-newline tokens are not kept (they carry no image content).
+    """
+
+    keep: int | float = 0.25
+
+    name: ClassVar[str] = "uniform"
+    summary: ClassVar[str] = "evenly spaced 2-D grid of patches (spatial baseline)"
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        segments = tokens.segments
+        shares = split_budget(k, [s.rows * s.cols for s in segments])
+        picked = [uniform_grid(seg, share) for seg, share in zip(segments, shares) if share > 0]
+        return Selection.of(torch.cat(picked).to(tokens.embeds.device))

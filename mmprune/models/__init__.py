@@ -1,0 +1,23 @@
+"""How each model family exposes its image tokens: one adapter per family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmprune.models.base import ModelAdapter
+from mmprune.models.llava import LlavaAdapter
+
+ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter]
+
+
+def supported_families() -> list[str]:
+    return [f"{a.family} ({', '.join(a.model_classes)})" for a in ADAPTERS]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter(model)
+    raise ValueError(
+        f"{type(model).__name__} is not a supported model; supported families: {'; '.join(supported_families())}"
+    )

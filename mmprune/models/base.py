@@ -1,0 +1,73 @@
+"""What an adapter tells the engine about one model family."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmprune.engine.tokens import VisualTokens
+
+
+class ModelAdapter:
+    """One model family: where its image tokens are, what its vision encoder can say about them.
+
+    Subclasses set ``family``, ``default_positions`` and ``supports_renumber`` and implement
+    :meth:`install_capture` and :meth:`build_images`.
+    """
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+    default_positions: str = "renumber"
+    supports_renumber: bool = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner: nn.Module = model.model
+        self.language_model: nn.Module = self.inner.language_model
+        self.config = model.config
+        self.image_token_id: int = int(self.config.image_token_id)
+        # What the capture hooks saw during the current forward; cleared at each forward start.
+        self.captured: dict[str, Any] = {}
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.language_model.config.num_hidden_layers)
+
+    def install_capture(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that record the vision encoder internals the lazy fields need; returns their handles."""
+        return []
+
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+        """One ``VisualTokens`` per image, in the order the model scatters them into the sequence.
+
+        ``output`` is what the model's ``get_image_features`` returned for ``(args, kwargs)``.
+        """
+        raise NotImplementedError
+
+    def image_features_owner(self) -> nn.Module:
+        """The module whose ``get_image_features`` produces the LLM-space image tokens."""
+        return self.inner
+
+
+def capture_input(adapter: ModelAdapter, key: str) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) storing the module's first input and keyword arguments in the
+    adapter's current capture store (replaced at every ``get_image_features`` call)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        adapter.captured[key] = (hidden, dict(kwargs))
+
+    return hook
+
+
+def capture_output(adapter: ModelAdapter, key: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        adapter.captured[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook

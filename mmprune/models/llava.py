@@ -1,0 +1,114 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower with [CLS] -> MLP projector -> Llama-style decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.models.base import ModelAdapter, capture_input, capture_output
+
+
+class ClipTower:
+    """[CLS] attention, keys and hidden states of one CLIP layer, recomputed from hooked inputs.
+
+    The tower keeps its own attention implementation (SDPA or FlashAttention): we hook the input of the layer's
+    ``self_attn`` and recompute the [CLS] query row ``softmax(q_cls k^T / sqrt(d_h))`` per head, which equals row 0
+    of that layer's attention probabilities (``attentions[layer]`` under eager attention).
+    """
+
+    def __init__(self, tower: nn.Module, feature_layer: int) -> None:
+        encoder = getattr(tower, "vision_model", tower).encoder
+        layers = encoder.layers
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"vision_feature_layer={feature_layer!r}: attention-based methods need a single feature layer (int)"
+            )
+        count = len(layers)
+        # hidden_states[f] is the output of layer f-1 (f > 0) or of layer count+f (f < 0); attentions[] likewise.
+        index = feature_layer - 1 if feature_layer > 0 else count + feature_layer
+        if not 0 <= index < count:
+            raise ValueError(
+                f"vision_feature_layer={feature_layer} selects no encoder layer of a {count}-layer tower "
+                f"(hidden_states[0] are the embeddings): expected 1..{count} or -{count}..-1"
+            )
+        self.layer = layers[index]
+        self.attention = self.layer.self_attn
+
+    def install(self, adapter: ModelAdapter) -> list:
+        return [
+            self.attention.register_forward_pre_hook(capture_input(adapter, "clip_attn_in"), with_kwargs=True),
+            self.layer.register_forward_hook(capture_output(adapter, "clip_layer_out")),
+        ]
+
+    def cls_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, heads, 1+N) [CLS]-row probabilities and (crops, 1+N, d_h) head-mean keys."""
+        hidden, _ = store["clip_attn_in"]
+        attn = self.attention
+        heads, head_dim = attn.num_heads, attn.head_dim
+        crops, length, _ = hidden.shape
+        with torch.no_grad():
+            q = attn.q_proj(hidden[:, :1]).view(crops, 1, heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(hidden).view(crops, length, heads, head_dim).transpose(1, 2)
+            logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale
+            probs = logits.softmax(dim=-1)
+        return probs, k.float().mean(dim=1)
+
+
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5. The visual tokens of an image are its grid of patches (plus [CLS] under ``full`` selection)."""
+
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    default_positions = "renumber"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.feature_layer = self.config.vision_feature_layer
+        self.strategy = self.config.vision_feature_select_strategy
+        vision = self.config.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.clip: ClipTower | None = None
+        if isinstance(self.feature_layer, int) and hasattr(getattr(self.inner.vision_tower, "vision_model",
+                                                                   self.inner.vision_tower), "encoder"):
+            self.clip = ClipTower(self.inner.vision_tower, self.feature_layer)
+
+    def install_capture(self) -> list:
+        return self.clip.install(self) if self.clip is not None else []
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner.multi_modal_projector(features)
+
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+        features = list(output.pooler_output)
+        with_cls = self.strategy == "full"
+        images = []
+        for i, embeds in enumerate(features):
+            segments = [Segment(start=int(with_cls), rows=self.side, cols=self.side)]
+            if with_cls:  # [CLS] is token 0 of the image; it is its own 1x1 "grid"
+                segments.insert(0, Segment(start=0, rows=1, cols=1))
+            images.append(VisualTokens(embeds, segments, family=self.family, lazy=self._lazy(i, with_cls),
+                                       project=self.project))
+        return images
+
+    def _lazy(self, i: int, with_cls: bool) -> dict:
+        if self.clip is None:
+            return {}
+        store = self.captured
+        first = 0 if with_cls else 1
+
+        def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
+            if "clip_cls" not in store:
+                store["clip_cls"] = self.clip.cls_attention_and_keys(store)
+            return store["clip_cls"]
+
+        lazy = {
+            "token_attention": lambda: attention_and_keys()[0][i, :, first:],
+            "vision_keys": lambda: attention_and_keys()[1][i, first:],
+            "vision_features": lambda: store["clip_layer_out"][i, first:],
+        }
+        if not with_cls:
+            lazy["cls_feature"] = lambda: store["clip_layer_out"][i, 0]
+        return lazy
