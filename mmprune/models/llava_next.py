@@ -1,0 +1,102 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops packed with image-newline tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.models.base import ModelAdapter
+from mmprune.models.llava import ClipTower
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT. An image's visual tokens are, in order, the base image's grid (when the image has high-res
+    crops) and the unpadded high-res grid whose rows each end with an image-newline token, exactly as the model's
+    ``pack_image_features`` lays them out. The budget counts all of them (2880 -> 640/320/160).
+
+    Lazy fields map every packed token back to its crop and patch by packing an index map through the model's own
+    ``pack_image_features``, so they follow HF's unpadding exactly. Newline tokens have no [CLS] attention, keys or
+    features (zeros); ``segments`` tells methods where they are.
+    """
+
+    family = "llava-next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    default_positions = "renumber"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.feature_layer = self.config.vision_feature_layer
+        self.strategy = self.config.vision_feature_select_strategy
+        vision = self.config.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.clip = ClipTower(self.inner.vision_tower, self.feature_layer) if isinstance(self.feature_layer, int) \
+            else None
+
+    def install_capture(self) -> list:
+        return self.clip.install(self) if self.clip is not None else []
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner.multi_modal_projector(features)
+
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        crops = [
+            image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                      patch_size=self.config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        per_crop = self.side * self.side + int(self.strategy == "full")
+        # index map: value 1 + (global crop * per_crop + patch); newline tokens come out as 0
+        maps, start = [], 0
+        for count in crops:
+            ids = torch.arange(start * per_crop, (start + count) * per_crop, dtype=torch.float64) + 1
+            maps.append(ids.view(count, per_crop, 1))
+            start += count
+        packed, _ = self.inner.pack_image_features(maps, image_sizes, self.strategy,
+                                                   image_newline=torch.zeros(1, dtype=torch.float64))
+        store = self.captured
+        images = []
+        for i, (embeds, index) in enumerate(zip(output.pooler_output, packed)):
+            source = index[:, 0].round().long() - 1  # -1 = newline
+            segments = self._segments(source, crops[i])
+            images.append(VisualTokens(embeds, segments, family=self.family,
+                                       lazy=self._lazy(store, source.to(embeds.device), per_crop),
+                                       project=self.project))
+        return images
+
+    def _segments(self, source: torch.Tensor, crops: int) -> list[Segment]:
+        n = source.numel()
+        if crops == 1:  # base image only, followed by one newline token
+            return [Segment(0, self.side, self.side), Segment(self.side * self.side, 1, 0, newline=True)]
+        base = self.side * self.side
+        rows = int((source[base:] < 0).sum())
+        cols = (n - base) // rows - 1
+        return [Segment(0, self.side, self.side), Segment(base, rows, cols, newline=True)]
+
+    def _lazy(self, store: dict, source: torch.Tensor, per_crop: int) -> dict:
+        if self.clip is None:
+            return {}
+        first = 0 if self.strategy == "full" else 1
+        valid = source >= 0
+        crop = source.clamp(min=0) // per_crop
+        patch = source.clamp(min=0) % per_crop + first
+
+        def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
+            if "clip_cls" not in store:
+                store["clip_cls"] = self.clip.cls_attention_and_keys(store)
+            return store["clip_cls"]
+
+        def gather(table: torch.Tensor) -> torch.Tensor:  # table (crops, 1+N, ...) -> (tokens, ...)
+            values = table[crop, patch]
+            return values * valid.view(-1, *([1] * (values.dim() - 1))).to(values.dtype)
+
+        return {
+            "token_attention": lambda: gather(attention_and_keys()[0].permute(0, 2, 1)).T,
+            "vision_keys": lambda: gather(attention_and_keys()[1]),
+            "vision_features": lambda: gather(store["clip_layer_out"]),
+        }

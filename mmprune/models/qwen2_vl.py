@@ -1,0 +1,120 @@
+"""Qwen2-VL and Qwen2.5-VL: ViT without [CLS], 2x2 patch merger, M-RoPE (t, h, w) positions in the LLM."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.models.base import ModelAdapter, capture_input
+
+# Queries per chunk when recomputing the attention each token receives (bounds the (heads, q, n) buffer).
+QUERY_CHUNK = 512
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen2-VL / Qwen2.5-VL.
+
+    Each image is one grid of merged tokens ``(h / m, w / m)`` (``m`` = spatial merge size), in raster order as
+    the merger returns them. Kept tokens keep their original M-RoPE ids (the default, as EVS and the Qwen ports of
+    the references do); ``positions="renumber"`` is not defined for 3-D positions and is refused.
+
+    Lazy fields (the tower has no [CLS]):
+      * ``token_attention`` ``(heads, N)``: mean attention each merged token receives from all patches of its image
+        at the last vision block, ``softmax(q k^T / sqrt(d))`` with the block's own RoPE and its own attention span
+        (``cu_seqlens``), averaged over the ``m x m`` patches of the merge unit; recomputed from the block input so
+        the tower keeps its attention implementation;
+      * ``vision_keys`` ``(N, d_h)``: that block's post-RoPE keys, averaged over heads and the merge unit.
+    """
+
+    family = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    default_positions = "original"
+    supports_renumber = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.visual = self.inner.visual
+        self.merge = int(self.visual.spatial_merge_size)
+        self.block = self.visual.blocks[-1]
+        module = importlib.import_module(type(self.visual).__module__)
+        self.apply_rope = module.apply_rotary_pos_emb_vision
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL reorders patches by window
+
+    def install_capture(self) -> list:
+        return [self.block.attn.register_forward_pre_hook(capture_input(self, "block_in"), with_kwargs=True)]
+
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+        grid_thw = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+        if grid_thw is None:
+            raise ValueError("Qwen2-VL image features need image_grid_thw")
+        store = self.captured
+        images = []
+        for i, embeds in enumerate(output.pooler_output):
+            t, h, w = (int(v) for v in grid_thw[i])
+            rows, cols = h // self.merge, w // self.merge
+            if t != 1:
+                raise ValueError(f"image {i} has {t} temporal patches; only still images (t=1) are supported")
+            segment = Segment(start=0, rows=rows, cols=cols)
+
+            def lazy_scores(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
+                if "scores" not in store:
+                    store["scores"] = self._received_attention(store, grid_thw)
+                return store["scores"][i]
+
+            lazy = {
+                "token_attention": lambda f=lazy_scores: f()[0],
+                "vision_keys": lambda f=lazy_scores: f()[1],
+            }
+            images.append(VisualTokens(embeds, [segment], family=self.family, lazy=lazy))
+        return images
+
+    def _received_attention(self, store: dict, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: ((heads, N) received attention, (N, d_h) keys), merged tokens in raster order."""
+        hidden, kwargs = store["block_in"]
+        attn = self.block.attn
+        unit = self.merge * self.merge
+        with torch.no_grad():
+            seq = hidden.shape[0]
+            q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = kwargs["position_embeddings"]
+            q, k = self.apply_rope(q, k, cos, sin)
+            q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, seq, d)
+            bounds = kwargs["cu_seqlens"].tolist()
+            received = torch.zeros(attn.num_heads, seq, dtype=torch.float32, device=hidden.device)
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                keys = k[:, start:end]
+                for q0 in range(start, end, QUERY_CHUNK):
+                    q1 = min(q0 + QUERY_CHUNK, end)
+                    probs = (q[:, q0:q1] @ keys.transpose(-1, -2) * attn.scaling).softmax(dim=-1)
+                    received[:, start:end] += probs.sum(dim=1) / (end - start)  # mean over queries
+            # patches are grouped by merge unit (m*m consecutive patches per merged token)
+            per_unit = received.view(attn.num_heads, seq // unit, unit).mean(-1)
+            keys_unit = k.mean(0).view(seq // unit, unit, -1).mean(1)
+            order = self._raster_order(grid_thw, seq // unit, hidden.device)
+            per_unit = per_unit[:, order]
+            keys_unit = keys_unit[order]
+        results, offset = [], 0
+        for t, h, w in grid_thw.tolist():
+            n = t * (h // self.merge) * (w // self.merge)
+            results.append((per_unit[:, offset:offset + n], keys_unit[offset:offset + n]))
+            offset += n
+        return results
+
+    def _raster_order(self, grid_thw: torch.Tensor, units: int, device: torch.device) -> torch.Tensor:
+        """Index that maps merged-token raster order to the block's (possibly window-permuted) order."""
+        if not self.windowed:
+            return torch.arange(units, device=device)
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=self.merge,
+            window_size=self.visual.window_size,
+            patch_size=self.visual.patch_size,
+        )
+        # block order position p holds raster unit window_index[p]; we want, per raster unit, its block position
+        return torch.argsort(window_index).to(device)

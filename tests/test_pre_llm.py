@@ -1,0 +1,296 @@
+"""Pre-LLM pruning on every method x every model family (tiny random-weight models built in code)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+import mmprune
+import tiny
+
+METHODS = mmprune.available()
+GEN = dict(max_new_tokens=4, do_sample=False)
+ONE_IMAGE = [[3, ("img", 0), 4]]
+# mixed lengths, a sample with two images (so samples drop different numbers of tokens and need re-padding)
+MIXED = [[3, ("img", 0), 4], [6, ("img", 1), 2, ("img", 2), 1], [1, ("img", 3), 9]]
+
+
+def generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, **GEN)
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def kept_sets(stats):
+    return [[image["kept"] for image in sample["images"]] for sample in stats["samples"]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_equals_unpatched_model(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    ref_tokens, ref_logits = generate(model, inputs), last_logits(model, inputs)
+    pruner = mmprune.get(method, keep=1.0)
+    with pruner.attach(model):
+        tokens, logits = generate(model, inputs), last_logits(model, inputs)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    image = pruner.stats["samples"][0]["images"][0]
+    assert image["after"] == image["before"] == tiny.tokens_per_image(family, 0)
+    assert image["kept"] == list(range(image["before"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_detach_restores_model_exactly(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    before = last_logits(model, inputs)
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model):
+        pruned = last_logits(model, inputs)
+    assert not torch.equal(pruned, before), "pruning a quarter of the tokens should change the logits"
+    assert torch.equal(last_logits(model, inputs), before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with pruner.attach(model):
+            last_logits(model, inputs)
+            raise RuntimeError("boom")
+    assert torch.equal(last_logits(model, inputs), before)
+    assert "get_image_features" not in model.model.__dict__
+    assert not model.model.language_model._forward_pre_hooks
+    assert not model.model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_left_padded_batch_matches_each_sample_alone(family, method):
+    model = tiny_model(family)
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model):
+        batch_out = generate(model, tiny.batch(family, MIXED, side="left"))
+        batch_kept = kept_sets(pruner.stats)
+        for i, sample in enumerate(MIXED):
+            alone = generate(model, tiny.batch(family, [sample]))
+            assert kept_sets(pruner.stats)[0] == batch_kept[i]
+            assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch_out[i, -GEN["max_new_tokens"]:])
+    counts = [s["visual_tokens_after"] for s in pruner.stats["samples"]]
+    assert counts[0] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_right_padded_batch_matches_each_sample_alone(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, MIXED, side="right")
+    last = inputs["attention_mask"].sum(1) - 1
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        out = model(**inputs).logits
+        batch_kept = kept_sets(pruner.stats)
+        after = [s["visual_tokens_after"] - s["visual_tokens_before"] for s in pruner.stats["samples"]]
+        for i, sample in enumerate(MIXED):
+            alone = last_logits(model, tiny.batch(family, [sample]))
+            assert kept_sets(pruner.stats)[0] == batch_kept[i]
+            # right padding keeps each sample's tokens at the front: its last real token moved by what it dropped
+            torch.testing.assert_close(out[i, last[i] + after[i]], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    text = int((inputs["input_ids"] != tiny.IMAGE_TOKEN).sum())
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    kept = pruner.stats["samples"][0]["visual_tokens_after"]
+    assert kept == mmprune.resolve_keep(0.25, tiny.tokens_per_image(family, 0)) or method == "pool"
+    layers = model.config.text_config.num_hidden_layers
+    assert [cache.get_seq_length(layer) for layer in range(layers)] == [text + kept] * layers
+    assert pruner.stats["samples"][0]["tokens_per_layer"] == [kept] * layers
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_decoding_agrees_with_full_recomputation(family, method):
+    """Greedy tokens decoded on the pruned KV cache equal the argmax of one uncached pass over the pruned prompt
+    plus those tokens: positions, masks and cache agree."""
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    n = GEN["max_new_tokens"]
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        tokens = model.generate(**inputs, **GEN)
+        full = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
+        if "mm_token_type_ids" in full:
+            full["mm_token_type_ids"] = (tokens == tiny.IMAGE_TOKEN).int()
+        logits = model(**full, use_cache=False).logits
+    assert torch.equal(logits[0, -n - 1:-1].argmax(-1), tokens[0, -n:])
+
+
+def test_llm_keeps_its_attention_implementation(family):
+    model = tiny_model(family)
+    seen = []
+    lm = model.model.language_model
+    pruner = mmprune.get("fastervlm", keep=0.25)
+    with pruner.attach(model):
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
+        try:
+            generate(model, tiny.batch(family, ONE_IMAGE))
+        finally:
+            handle.remove()
+        assert lm.config._attn_implementation == "sdpa"
+    assert seen and not any(kwargs.get("output_attentions") for kwargs in seen)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
+def test_mrope_kept_tokens_keep_original_positions(family_name):
+    model = tiny_model(family_name)
+    inputs = tiny.batch(family_name, [[3, ("img", 1), 4]])
+    lm = model.model.language_model
+    with torch.no_grad():
+        original, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      image_grid_thw=inputs["image_grid_thw"])
+    seen = []
+    pruner = mmprune.get("fastervlm", keep=0.25)
+    with pruner.attach(model):
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+        try:
+            generate(model, inputs)
+        finally:
+            handle.remove()
+    kept = pruner.stats["samples"][0]["images"][0]["kept"]
+    image_positions = (inputs["input_ids"][0] == tiny.IMAGE_TOKEN).nonzero().squeeze(1)
+    text = (inputs["input_ids"][0] != tiny.IMAGE_TOKEN).nonzero().squeeze(1)
+    keep_idx = torch.sort(torch.cat([text, image_positions[kept]])).values
+    prefill = seen[0][-3:]  # the (t, h, w) rows
+    assert torch.equal(prefill[:, 0], original[:, 0, keep_idx])
+    # decode step j continues at the original next position: max + 1 + j (rope_deltas of the unpruned prompt)
+    next_position = int(original.max()) + 1
+    for j, positions in enumerate(seen[1:]):
+        assert positions[-3:].reshape(3, -1).tolist() == [[next_position + j]] * 3
+    assert int(deltas[0]) == next_position - inputs["input_ids"].shape[1]
+
+
+def test_stats_are_json_and_describe_the_forward(family):
+    model = tiny_model(family)
+    pruner = mmprune.get("random", keep=0.25, seed=3)
+    with pruner.attach(model):
+        generate(model, tiny.batch(family, MIXED))
+    stats = json.loads(json.dumps(pruner.stats))
+    assert len(stats["samples"]) == len(MIXED)
+    assert [len(s["images"]) for s in stats["samples"]] == [1, 2, 1]
+    for sample in stats["samples"]:
+        assert len(sample["tokens_per_layer"]) == model.config.text_config.num_hidden_layers
+        for image in sample["images"]:
+            assert image["after"] == len(image["kept"]) and image["after"] < image["before"]
+            assert image["kept"] == sorted(image["kept"])
+    assert stats["selection_ms"] >= 0.0
+    assert stats["positions"] == ("original" if family.startswith("qwen") else "renumber")
+
+
+# ---------------------------------------------------------------------------------------------------- the rules
+def _eager_llava_vision(model, pixel_values):
+    """Attentions and hidden states of the CLIP tower, computed with eager attention on a copy of the weights."""
+    eager = type(model)._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return eager.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+
+
+def _features(model, inputs):
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+
+
+def rule_random(model, inputs, k):
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 0)
+    return sorted(torch.randperm(16, generator=g)[:k].tolist())
+
+
+def rule_uniform(model, inputs, k):
+    assert k == 4  # 4x4 grid, stride 2
+    return [0, 2, 8, 10]
+
+
+def rule_pool(model, inputs, k):
+    assert k == 4  # 2x2 windows of the 4x4 grid; each pooled token takes its window's centre (top-left) slot
+    return [0, 2, 8, 10]
+
+
+def rule_fastervlm(model, inputs, k):
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
+    return sorted(attn[0, :, 0, 1:].mean(0).topk(k).indices.tolist())
+
+
+def rule_visionzip(model, inputs, k):
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
+    contextual = round(k * 10 / 64)
+    dominant = attn[0, :, 0, 1:].sum(0).topk(k - contextual - 1).indices.tolist()
+    rest = [i for i in range(16) if i not in dominant]
+    step = max(1, len(rest) // contextual)
+    targets = [rest[j] for j in range(0, len(rest), step)][:contextual]
+    return sorted(set(dominant) | set(targets))
+
+
+def rule_divprune(model, inputs, k):
+    x = _features(model, inputs).double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1 - x @ x.T
+    np.fill_diagonal(d, np.inf)
+    chosen = [int(np.argmax(d.min(axis=1)))]
+    np.fill_diagonal(d, 0)
+    while len(chosen) < k:
+        nearest = d[:, chosen].min(axis=1)
+        nearest[chosen] = -np.inf
+        chosen.append(int(np.argmax(nearest)))
+    return sorted(chosen)
+
+
+RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}
+
+
+def test_every_method_has_a_reference_rule():
+    assert sorted(RULES) == METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_indices_equal_the_rule_computed_directly(method):
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", ONE_IMAGE)
+    pruner = mmprune.get(method, keep=4)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    assert pruner.stats["samples"][0]["images"][0]["kept"] == RULES[method](model, inputs, 4)
+
+
+def test_pool_tokens_are_window_averages_of_projected_tokens():
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", ONE_IMAGE)
+    seen = []
+    pruner = mmprune.get("pool", keep=4)
+    with pruner.attach(model), torch.no_grad():
+        handle = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["inputs_embeds"]), with_kwargs=True)
+        model(**inputs)
+        handle.remove()
+    grid = _features(model, inputs).reshape(4, 4, -1)
+    expected = grid.reshape(2, 2, 2, 2, -1).mean(dim=(1, 3)).reshape(4, -1)
+    torch.testing.assert_close(seen[0][0, 3:7], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_random_differs_by_seed_and_by_image():
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", [[2, ("img", 0), ("img", 1), 2]])
+    kept = {}
+    for seed in (0, 1):
+        pruner = mmprune.get("random", keep=4, seed=seed)
+        with pruner.attach(model), torch.no_grad():
+            model(**inputs)
+        kept[seed] = [image["kept"] for image in pruner.stats["samples"][0]["images"]]
+    assert kept[0] != kept[1]
+    assert kept[0][0] != kept[0][1]

@@ -1,0 +1,124 @@
+"""Tiny random-weight models of every supported family, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 96
+IMAGE_TOKEN = 95
+PAD = 0
+
+
+def _text(hidden: int = 32, layers: int = 2, **kw) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, **kw)
+
+
+def _clip() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=16)
+
+
+def llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=_clip(), text_config=LlamaConfig(**_text()), image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(vision_config=_clip(), text_config=LlamaConfig(**_text()), image_token_id=IMAGE_TOKEN,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def qwen2_vl(seed: int = 0, v25: bool = False):
+    torch.manual_seed(seed)
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, in_chans=3)
+    text = _text(rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    if v25:
+        vision.update(intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                               video_token_id=94, vision_start_token_id=93, vision_end_token_id=92)
+        return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=94,
+                        vision_start_token_id=93, vision_end_token_id=92)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+VISION_START, VISION_END = 93, 92
+
+
+def image_pixels(family: str, image_id: int) -> dict:
+    """Deterministic pixels of image ``image_id`` for ``family`` (one image; concatenate for several)."""
+    g = torch.Generator().manual_seed(1000 + image_id)
+    if family == "llava":
+        return {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+    if family == "llava_next":
+        # (H, W) = (64, 64): base + 4 crops = 5 crops; 16 base tokens + 8 rows x (8 + newline) = 88 tokens
+        return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
+    # Qwen: 8x8 patches of 4 px -> 4x4 = 16 merged tokens; alternate a 8x12 image to vary the count
+    h, w = (8, 8) if image_id % 2 == 0 else (8, 12)
+    return {"pixel_values": torch.randn(h * w, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": torch.tensor([[1, h, w]])}
+
+
+def tokens_per_image(family: str, image_id: int) -> int:
+    if family == "llava":
+        return 16
+    if family == "llava_next":
+        return 88
+    return 16 if image_id % 2 == 0 else 24
+
+
+def batch(family: str, samples: list[list], side: str = "left") -> dict:
+    """Model inputs for samples described as lists of text lengths (int) and image ids (``("img", id)``)."""
+    qwen = family.startswith("qwen")
+    rows, pixels = [], []
+    for sample in samples:
+        ids: list[int] = []
+        for part in sample:
+            if isinstance(part, tuple):
+                image_id = part[1]
+                run = [IMAGE_TOKEN] * tokens_per_image(family, image_id)
+                ids += ([VISION_START] + run + [VISION_END]) if qwen else run
+                pixels.append(image_pixels(family, image_id))
+            else:
+                ids += [3 + (7 * len(ids) + 5 * j) % 80 for j in range(part)]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        input_ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    for key in pixels[0]:
+        out[key] = torch.cat([p[key] for p in pixels])
+    if qwen:
+        out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+    return out
+
+
+BUILDERS = {
+    "llava": llava,
+    "llava_next": llava_next,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
+}
