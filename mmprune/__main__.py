@@ -1,0 +1,5 @@
+import sys
+
+from mmprune.cli import main
+
+sys.exit(main())
