@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
