@@ -170,7 +170,10 @@ class PruningSession:
         rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
         total = sum(image.num_tokens for image in images)
         if rows.numel() != total:
-            raise ValueError(f"input_ids hold {rows.numel()} image tokens but the images produced {total} features")
+            raise ValueError(
+                f"input_ids hold {rows.numel()} image tokens but the images produced {total} features; generate() "
+                "with num_beams > 1 or num_return_sequences > 1 repeats the prompt after images are encoded, which "
+                "mmprune does not support yet")
         spans, offset, per_sample = [], 0, {}
         for image in images:
             n = image.num_tokens
