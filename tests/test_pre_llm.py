@@ -294,3 +294,20 @@ def test_random_differs_by_seed_and_by_image():
         kept[seed] = [image["kept"] for image in pruner.stats["samples"][0]["images"]]
     assert kept[0] != kept[1]
     assert kept[0][0] != kept[0][1]
+
+
+def test_llava_next_fastervlm_scores_each_patch_by_its_own_crop():
+    """The packed-token [CLS] scores follow HF's anyres packing: pack the eager per-crop [CLS] rows with the model's
+    own pack_image_features (newlines scored -inf) and take the top-k."""
+    model = tiny_model("llava_next")
+    inputs = tiny.batch("llava_next", ONE_IMAGE)
+    pixel_values = inputs["pixel_values"][0]  # (5 crops, 3, 32, 32)
+    attn = _eager_llava_vision(model, pixel_values).attentions[-2]
+    scores = attn[:, :, 0, 1:].mean(1).unsqueeze(-1)  # (crops, 16, 1)
+    packed, _ = model.model.pack_image_features([scores], inputs["image_sizes"], "default",
+                                                image_newline=torch.tensor([float("-inf")]))
+    expected = sorted(packed[0][:, 0].topk(22).indices.tolist())
+    pruner = mmprune.get("fastervlm", keep=22)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    assert pruner.stats["samples"][0]["images"][0]["kept"] == expected

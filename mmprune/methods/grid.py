@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mmprune.engine.tokens import Segment
+from mmprune.engine.tokens import Segment, VisualTokens
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:
@@ -23,6 +23,12 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
             shares[i] += 1
             left -= 1
     return shares
+
+
+def per_segment_budget(tokens: VisualTokens, k: int) -> list[tuple[Segment, int]]:
+    """Each patch grid of the image with its proportional share of ``k`` (segments with no share left out)."""
+    shares = split_budget(k, [s.rows * s.cols for s in tokens.segments])
+    return [(segment, share) for segment, share in zip(tokens.segments, shares) if share > 0]
 
 
 def lattice_shape(rows: int, cols: int, k: int) -> tuple[int, int]:

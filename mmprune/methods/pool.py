@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mmprune.engine.tokens import Segment, Selection, VisualTokens
 from mmprune.methods.base import PreLLMPruner
-from mmprune.methods.grid import lattice_shape, split_budget
+from mmprune.methods.grid import lattice_shape, per_segment_budget
 
 
 @dataclass
@@ -32,12 +32,8 @@ class PoolPruner(PreLLMPruner):
     summary: ClassVar[str] = "2-D average pooling of the projected tokens to the budget (LLaVolta baseline)"
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        segments = tokens.segments
-        shares = split_budget(k, [s.rows * s.cols for s in segments])
         slots, embeds = [], []
-        for segment, share in zip(segments, shares):
-            if share == 0:
-                continue
+        for segment, share in per_segment_budget(tokens, k):
             s, e = pool_segment(tokens.embeds, segment, share)
             slots.append(s)
             embeds.append(e)

@@ -9,7 +9,7 @@ import torch
 
 from mmprune.engine.tokens import Selection, VisualTokens
 from mmprune.methods.base import PreLLMPruner
-from mmprune.methods.grid import split_budget, uniform_grid
+from mmprune.methods.grid import per_segment_budget, uniform_grid
 
 
 @dataclass
@@ -28,7 +28,5 @@ class UniformPruner(PreLLMPruner):
     summary: ClassVar[str] = "evenly spaced 2-D grid of patches (spatial baseline)"
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        segments = tokens.segments
-        shares = split_budget(k, [s.rows * s.cols for s in segments])
-        picked = [uniform_grid(seg, share) for seg, share in zip(segments, shares) if share > 0]
+        picked = [uniform_grid(segment, share) for segment, share in per_segment_budget(tokens, k)]
         return Selection.of(torch.cat(picked).to(tokens.embeds.device))

@@ -93,6 +93,12 @@ class LlavaAdapter(ModelAdapter):
                                        project=self.project))
         return images
 
+    def clip_tables(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, heads, 1+N) [CLS] rows and (crops, 1+N, d_h) keys of this forward, computed once."""
+        if "clip_cls" not in store:
+            store["clip_cls"] = self.clip.cls_attention_and_keys(store)
+        return store["clip_cls"]
+
     def _lazy(self, i: int, with_cls: bool) -> dict:
         if self.clip is None:
             return {}
@@ -100,9 +106,7 @@ class LlavaAdapter(ModelAdapter):
         first = 0 if with_cls else 1
 
         def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
-            if "clip_cls" not in store:
-                store["clip_cls"] = self.clip.cls_attention_and_keys(store)
-            return store["clip_cls"]
+            return self.clip_tables(store)
 
         lazy = {
             "token_attention": lambda: attention_and_keys()[0][i, :, first:],

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmprune.engine.tokens import Segment, VisualTokens
-from mmprune.models.base import ModelAdapter
-from mmprune.models.llava import ClipTower
+from mmprune.models.llava import LlavaAdapter
 
 
-class LlavaNextAdapter(ModelAdapter):
+class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT. An image's visual tokens are, in order, the base image's grid (when the image has high-res
     crops) and the unpadded high-res grid whose rows each end with an image-newline token, exactly as the model's
     ``pack_image_features`` lays them out. The budget counts all of them (2880 -> 640/320/160).
@@ -25,21 +23,6 @@ class LlavaNextAdapter(ModelAdapter):
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     default_positions = "renumber"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.feature_layer = self.config.vision_feature_layer
-        self.strategy = self.config.vision_feature_select_strategy
-        vision = self.config.vision_config
-        self.side = vision.image_size // vision.patch_size
-        self.clip = ClipTower(self.inner.vision_tower, self.feature_layer) if isinstance(self.feature_layer, int) \
-            else None
-
-    def install_capture(self) -> list:
-        return self.clip.install(self) if self.clip is not None else []
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.inner.multi_modal_projector(features)
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -65,7 +48,7 @@ class LlavaNextAdapter(ModelAdapter):
             source = index[:, 0].round().long() - 1  # -1 = newline
             segments = self._segments(source, crops[i])
             images.append(VisualTokens(embeds, segments, family=self.family,
-                                       lazy=self._lazy(store, source.to(embeds.device), per_crop),
+                                       lazy=self._packed_lazy(store, source.to(embeds.device), per_crop),
                                        project=self.project))
         return images
 
@@ -78,7 +61,7 @@ class LlavaNextAdapter(ModelAdapter):
         cols = (n - base) // rows - 1
         return [Segment(0, self.side, self.side), Segment(base, rows, cols, newline=True)]
 
-    def _lazy(self, store: dict, source: torch.Tensor, per_crop: int) -> dict:
+    def _packed_lazy(self, store: dict, source: torch.Tensor, per_crop: int) -> dict:
         if self.clip is None:
             return {}
         first = 0 if self.strategy == "full" else 1
@@ -87,9 +70,7 @@ class LlavaNextAdapter(ModelAdapter):
         patch = source.clamp(min=0) % per_crop + first
 
         def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
-            if "clip_cls" not in store:
-                store["clip_cls"] = self.clip.cls_attention_and_keys(store)
-            return store["clip_cls"]
+            return self.clip_tables(store)
 
         def gather(table: torch.Tensor) -> torch.Tensor:  # table (crops, 1+N, ...) -> (tokens, ...)
             values = table[crop, patch]
