@@ -311,3 +311,44 @@ def test_llava_next_fastervlm_scores_each_patch_by_its_own_crop():
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
     assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_fastervlm_uses_attention_received_at_the_last_vision_block(family_name):
+    """Without [CLS], the score is the head-mean of the attention each merged token receives (mean over queries,
+    mean over its 2x2 patches) at the last vision block. Reference: the block's own eager attention weights,
+    recorded through a registered attention function, mapped back from window order as the model's merger does."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
+    from transformers.vision_utils import get_vision_window_index
+
+    model = tiny_model(family_name)
+    inputs = tiny.batch(family_name, ONE_IMAGE)
+    records = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        records.append(weights)
+        return out, weights
+
+    AttentionInterface.register("mmprune_test_recording", recording)
+    visual = model.model.visual
+    previous = visual.config._attn_implementation
+    visual.config._attn_implementation = "mmprune_test_recording"
+    try:
+        with torch.no_grad():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        visual.config._attn_implementation = previous
+    weights = records[-1][0]  # last block, the image's full attention: (heads, 64 patches, 64 patches)
+    received = weights.mean(1).reshape(weights.shape[0], 16, 4).mean(-1)
+    if family_name == "qwen2_5_vl":
+        window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        received = received[:, torch.argsort(window_index)]
+    expected = sorted(received.mean(0).topk(4).indices.tolist())
+
+    pruner = mmprune.get("fastervlm", keep=4)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
