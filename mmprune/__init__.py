@@ -7,10 +7,10 @@
     print(pruner.stats)
 """
 
-from mmprune.budget import Budget, resolve_keep, validate_keep
+from mmprune.budget import resolve_keep, validate_keep
 from mmprune.methods import PreLLMPruner, Pruner
 from mmprune.registry import METHODS, available, get
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "Budget", "PreLLMPruner", "Pruner", "available", "get", "resolve_keep", "validate_keep"]
+__all__ = ["METHODS", "PreLLMPruner", "Pruner", "available", "get", "resolve_keep", "validate_keep"]

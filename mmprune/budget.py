@@ -1,32 +1,15 @@
 """The `keep` budget: how many visual tokens of one image survive.
 
 An ``int`` is a count of tokens kept per image; a ``float`` in (0, 1] is the fraction of the image's tokens kept.
-Both forms are validated when a method is built and resolved to a count per image once the image's token count is
+Both forms are validated when a method is built (the stats record the form given) and resolved to a count per image once the image's token count is
 known (Qwen2-VL images have a variable count, so a fraction is the only portable form there).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 ALLOWED = "an int >= 1 (tokens kept per image) or a float in (0, 1] (fraction of each image's tokens kept)"
-
-
-@dataclass(frozen=True)
-class Budget:
-    value: int | float
-
-    def __post_init__(self) -> None:
-        validate_keep(self.value)
-
-    @property
-    def is_fraction(self) -> bool:
-        return isinstance(self.value, float)
-
-    def count(self, num_tokens: int) -> int:
-        """Tokens kept for an image of ``num_tokens`` visual tokens."""
-        return resolve_keep(self.value, num_tokens)
 
 
 def validate_keep(keep: object) -> int | float:

@@ -60,10 +60,6 @@ def as_rows(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: expected (B, L) or (R, B, L)")
 
 
-def from_rows(rows: torch.Tensor, like_dim: int) -> torch.Tensor:
-    return rows[0] if like_dim == 2 else rows
-
-
 def compact_prefill(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,

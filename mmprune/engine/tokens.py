@@ -10,7 +10,7 @@ optionally new embeddings for them (merging methods such as VisionZip and poolin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -139,7 +139,6 @@ class Selection:
     slots: torch.Tensor
     embeds: torch.Tensor | None = None
     merged: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def count(self) -> int:
