@@ -1,8 +1,9 @@
 """The `keep` budget: how many visual tokens of one image survive.
 
 An ``int`` is a count of tokens kept per image; a ``float`` in (0, 1] is the fraction of the image's tokens kept.
-Both forms are validated when a method is built (the stats record the form given) and resolved to a count per image once the image's token count is
-known (Qwen2-VL images have a variable count, so a fraction is the only portable form there).
+Both forms are validated when a method is built (the stats record the form given) and resolved to a count per
+image once the image's token count is known (Qwen2-VL images have a variable count, so a fraction is the only
+portable form there).
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from transformers.utils import logging as hf_logging
 
 import mmprune
 from mmprune.cli import load, run_once
+from mmprune.zoo.tiny_random import build_tiny_llava
 
 METHODS = ("random", "fastervlm", "visionzip", "divprune")
 KEEP = 16  # of 144 tokens: 11%, the 64/576 budget of LLaVA-1.5
@@ -48,12 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo_out", help="folder for the PNGs")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     out.mkdir(parents=True, exist_ok=True)
-
-    from mmprune.zoo.tiny_random import build_tiny_llava
+    hf_logging.disable_progress_bar()  # saving the demo model would otherwise draw a progress bar
 
     print("NOTE: this demo runs a tiny RANDOM-WEIGHT LLaVA built on the fly (no download, no trained model yet);")
     print("      its answers are noise. With a real checkpoint use: mmprune run --model llava-hf/llava-1.5-7b-hf ...\n")

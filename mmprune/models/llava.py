@@ -105,12 +105,9 @@ class LlavaAdapter(ModelAdapter):
         store = self.captured
         first = 0 if with_cls else 1
 
-        def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
-            return self.clip_tables(store)
-
         lazy = {
-            "token_attention": lambda: attention_and_keys()[0][i, :, first:],
-            "vision_keys": lambda: attention_and_keys()[1][i, first:],
+            "token_attention": lambda: self.clip_tables(store)[0][i, :, first:],
+            "vision_keys": lambda: self.clip_tables(store)[1][i, first:],
             "vision_features": lambda: store["clip_layer_out"][i, first:],
         }
         if not with_cls:

@@ -69,15 +69,12 @@ class LlavaNextAdapter(LlavaAdapter):
         crop = source.clamp(min=0) // per_crop
         patch = source.clamp(min=0) % per_crop + first
 
-        def attention_and_keys() -> tuple[torch.Tensor, torch.Tensor]:
-            return self.clip_tables(store)
-
         def gather(table: torch.Tensor) -> torch.Tensor:  # table (crops, 1+N, ...) -> (tokens, ...)
             values = table[crop, patch]
             return values * valid.view(-1, *([1] * (values.dim() - 1))).to(values.dtype)
 
         return {
-            "token_attention": lambda: gather(attention_and_keys()[0].permute(0, 2, 1)).T,
-            "vision_keys": lambda: gather(attention_and_keys()[1]),
+            "token_attention": lambda: gather(self.clip_tables(store)[0].permute(0, 2, 1)).T,
+            "vision_keys": lambda: gather(self.clip_tables(store)[1]),
             "vision_features": lambda: gather(store["clip_layer_out"]),
         }
