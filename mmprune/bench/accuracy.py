@@ -1,0 +1,62 @@
+"""Answer QA samples with a VLM through its own processor and ``generate()``, and score the answers."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+
+from mmprune.data.synthetic import is_correct
+
+
+def prompts(processor, questions: list[str]) -> list[str]:
+    """One single-turn chat prompt per question, with the image first (the processor's own chat template)."""
+    return [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True) for q in questions]
+
+
+@torch.no_grad()
+def answer(model, processor, images, questions: list[str], pruner=None, max_new_tokens: int = 4,
+           timed: bool = False) -> dict:
+    """Greedy answers for one batch (left-padded): {"answers": [...], "prefill_s", "total_s"}; with ``timed`` a
+    separate prefill-only forward is timed first (else prefill_s is 0)."""
+    inputs = processor(text=prompts(processor, questions), images=list(images), padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    attach = pruner.attach(model) if pruner is not None else nullcontext()
+    with attach:
+        prefill = 0.0
+        if timed:
+            start = time.perf_counter()
+            model(**inputs, use_cache=True)  # prefill on its own; generate() below repeats it
+            prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {"answers": [t.strip() for t in texts], "prefill_s": prefill, "total_s": total,
+            "stats": pruner.stats if pruner is not None else None}
+
+
+def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_new_tokens: int = 4,
+             timed: bool = False) -> dict:
+    """Accuracy overall and per family: {"accuracy", "families": {family: accuracy}, "answers", "prefill_s",
+    "kept": per sample, per image, the kept token indices (empty without a pruner)}."""
+    answers, prefill, kept = [], 0.0, []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        out = answer(model, processor, [s.image for s in chunk], [s.question for s in chunk], pruner,
+                     max_new_tokens, timed)
+        answers += out["answers"]
+        prefill += out["prefill_s"]
+        if out["stats"] is not None:
+            kept += [[image["kept"] for image in sample["images"]] for sample in out["stats"]["samples"]]
+    per_family = defaultdict(list)
+    for s, a in zip(samples, answers):
+        per_family[s.family].append(is_correct(a, s.answers))
+    correct = [ok for oks in per_family.values() for ok in oks]
+    return {"accuracy": sum(correct) / len(correct),
+            "families": {f: sum(v) / len(v) for f, v in per_family.items()},
+            "answers": answers, "prefill_s": prefill, "kept": kept}
