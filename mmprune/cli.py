@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mmprune
+from mmprune.engine.session import final_kept
 
 
 class CliError(Exception):
@@ -80,10 +81,11 @@ def run_once(model, processor, pruner, image, prompt: str, max_new_tokens: int) 
         "visual_tokens_before": sample["visual_tokens_before"],
         "visual_tokens_after": sample["visual_tokens_after"],
         "tokens_per_layer": sample["tokens_per_layer"],
+        "equivalent_tokens": sample["equivalent_tokens"],
         "positions": stats["positions"],
         "selection_ms": stats["selection_ms"],
         "generate_s": elapsed,
-        "kept": [image["kept"] for image in sample["images"]],
+        "kept": final_kept(stats)[0],
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmprune.methods import (
     DivPrunePruner,
     FasterVLMPruner,
+    FastVPruner,
     PoolPruner,
     Pruner,
     RandomPruner,
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Pruner]] = {
         FasterVLMPruner,
         VisionZipPruner,
         DivPrunePruner,
+        FastVPruner,
     )
 }
 

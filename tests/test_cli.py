@@ -33,7 +33,7 @@ def test_methods_lists_every_method_with_stage(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["method", "stage", "description"]
     assert [line.split()[0] for line in out[1:]] == mmprune.available()
-    assert all(line.split()[1] == "pre-llm" for line in out[1:])
+    assert [line.split()[1] for line in out[1:]] == [mmprune.METHODS[m].stage for m in mmprune.available()]
 
 
 @pytest.mark.parametrize("method", mmprune.available())
@@ -43,7 +43,9 @@ def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == method and result["keep"] == 4
     assert result["visual_tokens_before"] == 16 and result["visual_tokens_after"] == 4
-    assert result["tokens_per_layer"] == [4] * 4
+    assert result["tokens_per_layer"][-1] == 4 and len(result["tokens_per_layer"]) == 4
+    if "pre" in mmprune.METHODS[method].stage:
+        assert result["tokens_per_layer"] == [4] * 4 and result["equivalent_tokens"] == 4.0
     assert isinstance(result["answer"], str)
 
 

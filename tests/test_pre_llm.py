@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -11,8 +12,10 @@ from conftest import tiny_model
 
 import mmprune
 import tiny
+from mmprune.engine.session import final_kept
 
 METHODS = mmprune.available()
+PRE_LLM = [m for m in METHODS if "pre" in mmprune.METHODS[m].stage]
 GEN = dict(max_new_tokens=4, do_sample=False)
 ONE_IMAGE = [[3, ("img", 0), 4]]
 # mixed lengths, a sample with two images (so samples drop different numbers of tokens and need re-padding)
@@ -29,8 +32,7 @@ def last_logits(model, inputs):
         return model(**inputs).logits[:, -1]
 
 
-def kept_sets(stats):
-    return [[image["kept"] for image in sample["images"]] for sample in stats["samples"]]
+kept_sets = final_kept
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -92,7 +94,7 @@ def test_right_padded_batch_matches_each_sample_alone(family, method):
     with pruner.attach(model), torch.no_grad():
         out = model(**inputs).logits
         batch_kept = kept_sets(pruner.stats)
-        after = [s["visual_tokens_after"] - s["visual_tokens_before"] for s in pruner.stats["samples"]]
+        after = [s["tokens_per_layer"][-1] - s["visual_tokens_before"] for s in pruner.stats["samples"]]
         for i, sample in enumerate(MIXED):
             alone = last_logits(model, tiny.batch(family, [sample]))
             assert kept_sets(pruner.stats)[0] == batch_kept[i]
@@ -108,14 +110,20 @@ def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
     pruner = mmprune.get(method, keep=0.25)
     with pruner.attach(model), torch.no_grad():
         cache = model(**inputs, use_cache=True).past_key_values
-    kept = pruner.stats["samples"][0]["visual_tokens_after"]
-    assert kept == mmprune.resolve_keep(0.25, tiny.tokens_per_image(family, 0)) or method == "pool"
+    per_layer = pruner.stats["samples"][0]["tokens_per_layer"]
     layers = model.config.text_config.num_hidden_layers
-    assert [cache.get_seq_length(layer) for layer in range(layers)] == [text + kept] * layers
-    assert pruner.stats["samples"][0]["tokens_per_layer"] == [kept] * layers
+    assert [cache.get_seq_length(layer) for layer in range(layers)] == [text + n for n in per_layer]
+    n = tiny.tokens_per_image(family, 0)
+    if method in PRE_LLM:
+        kept = pruner.stats["samples"][0]["visual_tokens_after"]
+        assert kept == mmprune.resolve_keep(0.25, n) or method == "pool"
+        assert per_layer == [kept] * layers
+    else:
+        stages = pruner.stats["stage_layers"]
+        assert per_layer[stages[-1]] < n and per_layer[0] == n
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRE_LLM)
 def test_cached_decoding_agrees_with_full_recomputation(family, method):
     """Greedy tokens decoded on the pruned KV cache equal the argmax of one uncached pass over the pruned prompt
     plus those tokens: positions, masks and cache agree."""
@@ -196,10 +204,22 @@ def test_stats_are_json_and_describe_the_forward(family):
 # ---------------------------------------------------------------------------------------------------- the rules
 def _eager_llava_vision(model, pixel_values):
     """Attentions and hidden states of the CLIP tower, computed with eager attention on a copy of the weights."""
-    eager = type(model)._from_config(model.config, attn_implementation="eager").eval()
+    eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
     with torch.no_grad():
         return eager.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+
+
+def _eager_llm_attentions(model, inputs):
+    """Decoder attention probabilities of the unpruned prompt, eager attention on a copy of the weights."""
+    eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return eager(**inputs, output_attentions=True).attentions
+
+
+def _visual_columns(inputs):
+    return (inputs["input_ids"][0] == tiny.IMAGE_TOKEN).nonzero().squeeze(1)
 
 
 def _features(model, inputs):
@@ -237,6 +257,11 @@ def rule_visionzip(model, inputs, k):
     return sorted(set(dominant) | set(targets))
 
 
+def rule_fastv(model, inputs, k):
+    row = _eager_llm_attentions(model, inputs)[2 - 1][0, :, -1]  # layer K-1 = 1, last prompt token, per head
+    return sorted(row.mean(0)[_visual_columns(inputs)].topk(k).indices.tolist())
+
+
 def rule_divprune(model, inputs, k):
     x = _features(model, inputs).double().numpy()
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -265,7 +290,7 @@ def test_kept_indices_equal_the_rule_computed_directly(method):
     pruner = mmprune.get(method, keep=4)
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
-    assert pruner.stats["samples"][0]["images"][0]["kept"] == RULES[method](model, inputs, 4)
+    assert kept_sets(pruner.stats)[0][0] == RULES[method](model, inputs, 4)
 
 
 def test_pool_tokens_are_window_averages_of_projected_tokens():

@@ -21,7 +21,7 @@ IMAGE_TOKEN = 95
 PAD = 0
 
 
-def _text(hidden: int = 32, layers: int = 2, **kw) -> dict:
+def _text(hidden: int = 32, layers: int = 4, **kw) -> dict:
     return dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
                 bos_token_id=1, eos_token_id=2, **kw)

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 
 from mmprune.data.synthetic import is_correct
+from mmprune.engine.session import final_kept
 
 
 def prompts(processor, questions: list[str]) -> list[str]:
@@ -52,7 +53,7 @@ def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_n
         answers += out["answers"]
         prefill += out["prefill_s"]
         if out["stats"] is not None:
-            kept += [[image["kept"] for image in sample["images"]] for sample in out["stats"]["samples"]]
+            kept += final_kept(out["stats"])
     per_family = defaultdict(list)
     for s, a in zip(samples, answers):
         per_family[s.family].append(is_correct(a, s.answers))

@@ -36,10 +36,21 @@ class Layout:
     next_positions: torch.Tensor  # (R, B) next position id per row (R = 1 for 1-D RoPE, 3 or 4 for M-RoPE)
     position_rows: int  # 0 when the model computed positions itself (position_ids=None), else R
     mask_dtype: torch.dtype
+    source: torch.Tensor  # (B, Lc) index of each compacted token in the uncompacted sequence
 
     @property
     def compact_length(self) -> int:
         return int(self.compact_mask.shape[1])
+
+    def destinations(self, sample: int, positions: torch.Tensor) -> torch.Tensor:
+        """Compacted indices of tokens that survived, given their uncompacted ``positions`` in ``sample``."""
+        inverse = torch.full((self.original_length,), -1, dtype=torch.long, device=self.source.device)
+        real = self.compact_mask[sample]
+        inverse[self.source[sample][real]] = torch.arange(self.compact_length, device=self.source.device)[real]
+        found = inverse[positions.to(inverse.device)]
+        if bool((found < 0).any()):
+            raise RuntimeError("a token expected to survive the compaction was dropped")
+        return found
 
 
 def padding_side(mask: torch.Tensor) -> str:
@@ -122,7 +133,8 @@ def compact_prefill(
         position_rows = 0
         next_positions = torch.full((1, batch), compact_mask.shape[1], device=device, dtype=torch.long)
     else:
-        out_positions = compact_rows if position_ids is None or position_ids.dim() == 3 else compact_rows[0]
+        # the format the model was given: (R, B, L) rows stay rows; (B, L) and None (1-D RoPE) become (B, L)
+        out_positions = compact_rows if position_ids is not None and position_ids.dim() == 3 else compact_rows[0]
         position_rows = compact_rows.shape[0]
     out_mask = None if attention_mask is None and bool(compact_mask.all()) else compact_mask.to(mask_dtype)
     layout = Layout(
@@ -131,6 +143,7 @@ def compact_prefill(
         next_positions=next_positions,
         position_rows=position_rows,
         mask_dtype=mask_dtype,
+        source=index,
     )
     return gathered, out_mask, out_positions, layout
 

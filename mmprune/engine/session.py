@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mmprune.engine.layers import ImageTrack, LayerRunner, PrefillRecord, StageLayout
 from mmprune.engine.sequence import ImageSpan, Layout, compact_prefill, decode_inputs
 from mmprune.engine.tokens import Selection, VisualTokens
 
@@ -39,7 +40,10 @@ class PruningSession:
         self.pruner = pruner
         self.model = model
         self.adapter = adapter_for(model)
-        self.policy = pruner.positions or self.adapter.default_positions
+        method_default = getattr(pruner, "default_positions", None)
+        if method_default == "renumber" and not self.adapter.supports_renumber:
+            method_default = None  # the reference renumbers 1-D positions; M-RoPE models keep theirs
+        self.policy = pruner.positions or method_default or self.adapter.default_positions
         if self.policy == "renumber" and not self.adapter.supports_renumber:
             raise ValueError(
                 f"positions='renumber' is not defined for {self.adapter.family} (M-RoPE (t, h, w) positions); "
@@ -50,7 +54,9 @@ class PruningSession:
         self._previous_attr: Any = _MISSING
         self._images: list[VisualTokens] | None = None
         self._input_ids: torch.Tensor | None = None
-        self._layouts: dict[int, tuple[weakref.ref, Layout]] = {}
+        self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
+        self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "stage_layers") else None
+        self._pending: tuple | None = None  # (cache, layout, stats) of the prefill in flight
         self._inner_signature = inspect.signature(self.adapter.inner.forward)
         self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
 
@@ -76,6 +82,9 @@ class PruningSession:
                 adapter.inner.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True))
             self._handles.append(
                 adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            if self.runner is not None:
+                self._handles.append(adapter.language_model.register_forward_hook(self._after_language_model))
+                self._handles.extend(self.runner.install())
             self._handles.extend(adapter.install_capture())
         except Exception:
             self.remove()
@@ -94,6 +103,7 @@ class PruningSession:
         self._images = None
         self._input_ids = None
         self._layouts.clear()
+        self._pending = None
         self.adapter.captured = {}
 
     # ------------------------------------------------------------------ hooks
@@ -109,13 +119,25 @@ class PruningSession:
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         images, self._images = self._images, None
         cache = kwargs.get("past_key_values")
+        if self.runner is not None:
+            self.runner.mode = None  # also clears what a forward that raised left behind
         if images is not None:
             return args, self._prefill(module, kwargs, images, cache)
         if cache is not None and id(cache) in self._layouts:
-            ref, layout = self._layouts[id(cache)]
+            ref, layout, stages = self._layouts[id(cache)]
             if ref() is cache:
-                return args, self._decode(kwargs, layout, cache)
+                return args, self._decode(kwargs, layout, stages, cache)
         return None
+
+    def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.runner.mode == "prefill" and self._pending is not None:
+            cache, layout, record = self._pending
+            stages = self.runner.end_forward()
+            if cache is not None:
+                self._layouts[id(cache)] = (weakref.ref(cache), layout, stages)
+            self._add_stage_stats(record)
+        self.runner.mode = None
+        self._pending = None
 
     # ------------------------------------------------------------------ prefill / decode
     def _prefill(self, module: nn.Module, kwargs: dict, images: list[VisualTokens], cache: Any) -> dict:
@@ -133,9 +155,11 @@ class PruningSession:
 
         started = time.perf_counter()
         spans = self._locate(images, self._input_ids.to(embeds.device))
+        pre_llm = hasattr(self.pruner, "prune_image")
         for span, image in zip(spans, images):
             image.embeds = image.embeds.to(embeds.device, embeds.dtype)
-            span.selection = self.pruner.prune_image(image)
+            if pre_llm:
+                span.selection = self.pruner.prune_image(image)
         if embeds.is_cuda:
             torch.cuda.synchronize(embeds.device)
         selection_ms = (time.perf_counter() - started) * 1000.0
@@ -151,18 +175,28 @@ class PruningSession:
             kwargs["past_key_values"] = cache
         if cache is not None:
             self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
-            self._layouts[id(cache)] = (weakref.ref(cache), layout)
+            self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
         self.pruner._stats = self._stats(spans, images, selection_ms)
+        if self.runner is not None:
+            tracks = [ImageTrack(sample=span.sample, image_in_sample=image.image_in_sample,
+                                 positions=layout.destinations(span.sample, span.positions[:span.selection.count]),
+                                 original=span.selection.slots.to(embeds.device))
+                      for span, image in zip(spans, images)]
+            counts = [list(self.pruner.schedule(track.count, self.adapter.num_layers)) for track in tracks]
+            record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts)
+            self._pending = (cache, layout, (record, counts, [span.sample for span in spans]))
         return kwargs
 
-    def _decode(self, kwargs: dict, layout: Layout, cache: Any) -> dict:
+    def _decode(self, kwargs: dict, layout: Layout, stages: list[StageLayout], cache: Any) -> dict:
         query = kwargs.get("inputs_embeds")
         if query is None:
             query = kwargs.get("input_ids")
         mask, positions = decode_inputs(layout, cache.get_seq_length(), int(query.shape[1]),
                                         kwargs.get("attention_mask"), kwargs.get("position_ids"))
         kwargs.update(attention_mask=mask, position_ids=positions)
+        if self.runner is not None:
+            self.runner.start_decode(cache, stages, layout.compact_length, mask, positions)
         return kwargs
 
     def _locate(self, images: list[VisualTokens], input_ids: torch.Tensor) -> list[ImageSpan]:
@@ -207,6 +241,7 @@ class PruningSession:
             sample["visual_tokens_before"] = before
             sample["visual_tokens_after"] = after
             sample["tokens_per_layer"] = [after] * layers
+            sample["equivalent_tokens"] = float(after)
         return {
             "method": self.pruner.name,
             "stage": self.pruner.stage,
@@ -216,4 +251,41 @@ class PruningSession:
             "num_layers": layers,
             "samples": samples,
             "selection_ms": selection_ms,
+            "selection_ms_per_stage": {"pre-llm": selection_ms},
         }
+
+    def _add_stage_stats(self, pending: tuple) -> None:
+        """Per-layer visual token counts, equivalent average tokens and per-stage timing of an in-LLM prefill."""
+        record, counts, samples_of = pending
+        stats = self.pruner._stats
+        layers = self.adapter.num_layers
+        for sample in stats["samples"]:
+            sample["tokens_per_layer"] = [0] * layers
+        seen: dict[int, int] = {}
+        for image, (image_counts, sample_index) in enumerate(zip(counts, samples_of)):
+            sample = stats["samples"][sample_index]
+            entry = sample["images"][seen.get(sample_index, 0)]
+            seen[sample_index] = seen.get(sample_index, 0) + 1
+            entry["stages"] = [{"layer": layer, "kept": kept[image]} for layer, kept in zip(record.layers,
+                                                                                          record.kept)]
+            current = entry["after"]
+            for layer in range(layers):
+                for stage, stage_layer in enumerate(record.layers):
+                    if stage_layer == layer:
+                        current = image_counts[stage]
+                sample["tokens_per_layer"][layer] += current
+        for sample in stats["samples"]:
+            sample["visual_tokens_llm_input"] = sample["visual_tokens_after"]
+            sample["visual_tokens_after"] = sample["tokens_per_layer"][-1]
+            sample["equivalent_tokens"] = sum(sample["tokens_per_layer"]) / layers
+        stats["stage_layers"] = list(record.layers)
+        stats["schedule"] = self.pruner.describe_schedule()
+        for layer, ms in zip(record.layers, record.selection_ms):
+            stats["selection_ms_per_stage"][f"layer {layer}"] = ms
+        stats["selection_ms"] = sum(stats["selection_ms_per_stage"].values())
+
+
+def final_kept(stats: dict) -> list[list[list[int]]]:
+    """Per sample, per image: original token indices that reach the last decoder layer (after every stage)."""
+    return [[image["stages"][-1]["kept"] if image.get("stages") else image["kept"] for image in sample["images"]]
+            for sample in stats["samples"]]

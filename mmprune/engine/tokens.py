@@ -148,6 +148,11 @@ class Selection:
         """Original token indices whose slot survives, ascending."""
         return sorted(set(self.slots.tolist()))
 
+    def is_identity(self, num_tokens: int) -> bool:
+        """Whether this keeps all ``num_tokens`` tokens, unchanged and in order."""
+        return (self.embeds is None and self.count == num_tokens
+                and bool((self.slots.cpu() == torch.arange(num_tokens)).all()))
+
     @staticmethod
     def identity(num_tokens: int, device: torch.device | None = None) -> "Selection":
         return Selection(slots=torch.arange(num_tokens, device=device))

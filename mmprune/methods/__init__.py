@@ -1,8 +1,9 @@
 """What to keep: one file per method, pure tensor logic. Register a new method in ``mmprune/registry.py``."""
 
-from mmprune.methods.base import POSITION_POLICIES, PreLLMPruner, Pruner
+from mmprune.methods.base import POSITION_POLICIES, InLLMPruner, PreLLMPruner, Pruner, SingleStagePruner
 from mmprune.methods.divprune import DivPrunePruner
 from mmprune.methods.fastervlm import FasterVLMPruner
+from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.random import RandomPruner
 from mmprune.methods.uniform import UniformPruner
@@ -11,11 +12,14 @@ from mmprune.methods.visionzip import VisionZipPruner
 __all__ = [
     "POSITION_POLICIES",
     "DivPrunePruner",
+    "FastVPruner",
     "FasterVLMPruner",
+    "InLLMPruner",
     "PoolPruner",
     "PreLLMPruner",
     "Pruner",
     "RandomPruner",
+    "SingleStagePruner",
     "UniformPruner",
     "VisionZipPruner",
 ]

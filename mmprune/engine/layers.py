@@ -1,0 +1,350 @@
+"""In-LLM pruning: visual tokens leave the hidden states between decoder layers.
+
+One forward pre-hook per decoder layer. During a pruned prefill:
+
+* at a stage layer ``K`` the method chooses, per image, which of its current tokens go on; the hidden states are
+  compacted (each sample re-padded on its original side, as before the first layer) and layers ``K..`` get a
+  matching attention mask (built by transformers' own ``create_causal_mask`` against that layer's cache), position
+  ids and rotary embeddings. Each layer's KV cache therefore holds only the tokens that entered it;
+* the inputs of the layers a method scores with are recorded, so it can recompute the few attention rows it needs
+  (:meth:`StageContext.attention`) while the model keeps SDPA/FlashAttention.
+
+During decoding, every layer whose cache was shortened gets the mask for its own cache length and, when positions
+are renumbered, its own position ids.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from mmprune.engine.sequence import ImageSpan, as_rows, compact_prefill
+from mmprune.engine.tokens import Selection
+
+
+@dataclass
+class ImageTrack:
+    """One image's surviving visual tokens inside the LLM."""
+
+    sample: int
+    image_in_sample: int
+    positions: torch.Tensor  # (n,) current sequence indices, ascending
+    original: torch.Tensor  # (n,) index of each surviving token among the image's tokens before any pruning
+
+    @property
+    def count(self) -> int:
+        return int(self.positions.numel())
+
+
+@dataclass
+class StageLayout:
+    """The sequence after one in-LLM stage, kept for the decode steps of the layers it feeds."""
+
+    layer: int
+    compact_mask: torch.Tensor  # (B, Lc) bool
+    next_positions: torch.Tensor  # (R, B) next position id per row after the stage's prompt
+    position_rows: int
+
+    @property
+    def length(self) -> int:
+        return int(self.compact_mask.shape[1])
+
+
+def rope_inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position ids for the rotary embedding, position ids the decoder layers receive) from ``(R, B, L)`` rows:
+    1-D RoPE uses row 0 for both; Qwen2-VL's 4-row form feeds rows 1-3 to M-RoPE and row 0 (text positions) to
+    the layers; its 3-row form feeds all three to M-RoPE and nothing to the layers."""
+    if rows.shape[0] == 1:
+        return rows[0], rows[0]
+    if rows.shape[0] == 4:
+        return rows[1:], rows[0]
+    return rows, None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StageContext:
+    """What an in-LLM method sees at one stage (all indices are positions in the current sequence).
+
+    Attributes:
+        layer: the stage layer; the chosen tokens are the ones that enter it.
+        hidden: ``(B, L, D)`` hidden states entering ``layer``.
+        mask: ``(B, L)`` bool, real (non-padding) tokens.
+        tracks: one :class:`ImageTrack` per image (sample, current positions, original indices).
+        stage: index of this stage in the method's schedule.
+    """
+
+    def __init__(self, runner: "LayerRunner", layer: int, hidden: torch.Tensor, stage: int) -> None:
+        self.runner = runner
+        self.layer = layer
+        self.hidden = hidden
+        self.mask = runner.mask
+        self.tracks = runner.tracks
+        self.stage = stage
+        self._visual: torch.Tensor | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The language model (``.layers``, ``.norm``, ``.rotary_emb``)."""
+        return self.runner.language_model
+
+    def layer_input(self, layer: int) -> torch.Tensor:
+        """Hidden states that entered decoder ``layer`` in this prefill (the method declared it in ``watch``)."""
+        if layer == self.layer:
+            return self.hidden
+        if layer not in self.runner.records:
+            raise RuntimeError(f"layer {layer}'s input was not recorded; declare it in the method's watch()")
+        return self.runner.records[layer][0]
+
+    def last_token(self) -> torch.Tensor:
+        """``(B,)`` index of each sample's last real token (the last instruction token at prefill)."""
+        positions = torch.arange(self.mask.shape[1], device=self.mask.device)
+        return torch.where(self.mask, positions, -1).amax(dim=1)
+
+    def visual(self) -> torch.Tensor:
+        """``(B, L)`` bool: current visual tokens."""
+        if self._visual is None:
+            visual = torch.zeros_like(self.mask)
+            for track in self.tracks:
+                visual[track.sample, track.positions] = True
+            self._visual = visual
+        return self._visual
+
+    def text_after(self, track: ImageTrack) -> torch.Tensor:
+        """Positions of the real non-visual tokens after the image (the instruction), ascending."""
+        after = self.mask[track.sample] & ~self.visual()[track.sample]
+        after[: int(track.positions.max()) + 1 if track.count else 0] = False
+        return after.nonzero().squeeze(1)
+
+    def _rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == self.layer:
+            return self.runner.position_embeddings_at(layer, self.hidden)
+        return self.runner.records[layer][1]
+
+    def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True):
+        """Per-head queries ``(B, H, q, d)`` (rows ``queries`` ``(B, q)``; all rows when None) and keys
+        ``(B, H, L, d)`` (GQA groups repeated) of decoder ``layer`` on its recorded input: the layer's own
+        ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding (``rope=False`` skips it, as FEATHER)."""
+        block = self.model.layers[layer]
+        attn = block.self_attn
+        hidden = block.input_layernorm(self.layer_input(layer))
+        batch, length, _ = hidden.shape
+        head_dim = attn.head_dim
+        if queries is None:
+            queries = torch.arange(length, device=hidden.device).expand(batch, -1)
+        picked = hidden.gather(1, queries.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        q = attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        if rope:
+            cos, sin = self._rope(layer)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            cos_q = cos.gather(1, queries.unsqueeze(-1).expand(-1, -1, cos.shape[-1])).unsqueeze(1)
+            sin_q = sin.gather(1, queries.unsqueeze(-1).expand(-1, -1, sin.shape[-1])).unsqueeze(1)
+            q = q * cos_q + rotate_half(q) * sin_q
+            k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+        return q, k
+
+    @torch.no_grad()
+    def attention(self, layer: int, queries: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """``(B, H, q, L)`` attention probabilities of rows ``queries`` ``(B, q)`` in decoder ``layer``:
+        ``softmax(q k^T * scaling + causal/padding mask)`` in float32, equal to those rows of the eager
+        attention weights (the model itself keeps its attention implementation)."""
+        q, k = self.queries_keys(layer, queries, rope)
+        scaling = self.model.layers[layer].self_attn.scaling
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
+        length = k.shape[2]
+        keys = torch.arange(length, device=k.device)
+        allowed = self.mask[:, None, None, :] & (keys[None, None, None, :] <= queries[:, None, :, None])
+        return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+@dataclass
+class PrefillRecord:
+    """Stats of one pruned prefill, per stage."""
+
+    layers: list[int] = field(default_factory=list)
+    selection_ms: list[float] = field(default_factory=list)
+    kept: list[list[list[int]]] = field(default_factory=list)  # [stage][image] original indices kept
+
+
+class LayerRunner:
+    """Hooks on every decoder layer that carry out a method's in-LLM schedule."""
+
+    def __init__(self, pruner: Any, adapter: Any, policy: str) -> None:
+        self.pruner = pruner
+        self.adapter = adapter
+        self.policy = policy
+        self.language_model = adapter.language_model
+        self.num_layers = adapter.num_layers
+        self.stage_layers = list(pruner.stage_layers(self.num_layers))
+        if self.stage_layers != sorted(set(self.stage_layers)) or not all(
+                0 < layer < self.num_layers for layer in self.stage_layers):
+            raise ValueError(f"{pruner.name}: stage layers {self.stage_layers} must be increasing and within "
+                             f"1..{self.num_layers - 1} for a {self.num_layers}-layer language model")
+        self.watch = set(pruner.watch(self.num_layers))
+        self.mode: str | None = None
+        self.handles: list = []
+        self.records: dict[int, tuple[torch.Tensor, tuple]] = {}
+        self.replacement: dict | None = None
+        self.layouts: list[StageLayout] = []
+
+    def install(self) -> list:
+        for index, layer in enumerate(self.language_model.layers):
+            if getattr(layer, "attention_type", "full_attention") != "full_attention":
+                raise ValueError(f"{self.pruner.name}: decoder layer {index} uses {layer.attention_type}; in-LLM "
+                                 "pruning supports full-attention layers only")
+            self.handles.append(layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True))
+        return self.handles
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.mode == "prefill":
+                return self._prefill_layer(index, args, kwargs)
+            if self.mode == "decode":
+                return self._decode_layer(index, args, kwargs)
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ prefill
+    def start_prefill(self, cache: Any, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                      hidden_shape: torch.Size, tracks: list[ImageTrack], counts: list[list[int]]) -> PrefillRecord:
+        batch, length = hidden_shape[0], hidden_shape[1]
+        device = tracks[0].positions.device if tracks else None
+        self.mode = "prefill"
+        self.cache = cache
+        self.mask = (mask.bool() if mask is not None
+                     else torch.ones(batch, length, dtype=torch.bool, device=device))
+        self.mask_dtype = mask.dtype if mask is not None else torch.long
+        # explicit positions (what the model would compute itself when given none: 0..L-1 on an empty cache)
+        self.position_ids = (position_ids if position_ids is not None
+                             else torch.arange(length, device=device).expand(batch, -1))
+        self.tracks = tracks
+        self.counts = counts  # [image][stage] tokens left after each stage
+        self.records = {}
+        self.replacement = None
+        self.layouts = []
+        self.record = PrefillRecord()
+        return self.record
+
+    def position_embeddings_at(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.replacement is not None:
+            return self.replacement["position_embeddings"]
+        return self._given_rope
+
+    def _prefill_layer(self, index: int, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._given_rope = kwargs.get("position_embeddings")
+        if index in self.stage_layers:
+            hidden = self._stage(index, hidden)
+        if self.replacement is not None:
+            kwargs.update(self.replacement)
+        if index in self.watch:
+            self.records[index] = (hidden, kwargs.get("position_embeddings"))
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _stage(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        stage = self.stage_layers.index(index)
+        wanted = [counts[stage] for counts in self.counts]
+        if all(k == track.count for k, track in zip(wanted, self.tracks)):
+            selections = [Selection.identity(track.count, device=hidden.device) for track in self.tracks]
+            elapsed = 0.0
+        else:
+            started = time.perf_counter()
+            selections = self.pruner.choose(StageContext(self, index, hidden, stage), stage, wanted)
+            if hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+            elapsed = (time.perf_counter() - started) * 1000.0
+            for k, sel, track in zip(wanted, selections, self.tracks):
+                if sel.count != k:
+                    raise RuntimeError(f"{self.pruner.name} kept {sel.count} tokens of an image at layer {index}; "
+                                       f"its schedule says {k}")
+        self.record.layers.append(index)
+        self.record.selection_ms.append(elapsed)
+        self.record.kept.append([track.original[sel.slots.to(track.original.device)].tolist()
+                                 for sel, track in zip(selections, self.tracks)])
+        if all(sel.is_identity(track.count) for sel, track in zip(selections, self.tracks)):
+            return hidden  # nothing leaves: the layers keep the model's own mask and positions
+        return self._compact(index, hidden, selections)
+
+    def _compact(self, index: int, hidden: torch.Tensor, selections: list[Selection]) -> torch.Tensor:
+        spans = [ImageSpan(sample=t.sample, positions=t.positions, selection=s)
+                 for t, s in zip(self.tracks, selections)]
+        new_hidden, _, new_positions, layout = compact_prefill(hidden, self.mask, self.position_ids, spans,
+                                                               self.policy)
+        for track, sel in zip(self.tracks, selections):
+            # output token j of an image sits in the image's j-th slot (see compact_prefill)
+            track.positions = layout.destinations(track.sample, track.positions[:sel.count])
+            track.original = track.original[sel.slots.to(track.original.device)]
+        self.mask = layout.compact_mask
+        self.position_ids = new_positions
+        rotary_ids, layer_ids = rope_inputs(as_rows(new_positions, hidden.shape[0]))
+        mask4d = create_causal_mask(config=self.language_model.config, inputs_embeds=new_hidden,
+                                    attention_mask=self.mask, past_key_values=self.cache, position_ids=None,
+                                    layer_idx=index)
+        self.replacement = {
+            "attention_mask": mask4d,
+            "position_embeddings": self.language_model.rotary_emb(new_hidden, rotary_ids),
+            "position_ids": layer_ids,
+        }
+        self.layouts.append(StageLayout(layer=index, compact_mask=layout.compact_mask,
+                                        next_positions=layout.next_positions, position_rows=layout.position_rows))
+        return new_hidden
+
+    def end_forward(self) -> list[StageLayout]:
+        self.mode = None
+        self.records = {}
+        self.replacement = None
+        return self.layouts
+
+    # ------------------------------------------------------------------ decode
+    def start_decode(self, cache: Any, layouts: list[StageLayout], base_length: int, mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> None:
+        """``mask``/``position_ids``: the step's inputs as the first layer sees them (prompt of ``base_length``
+        tokens as it entered the LLM, then the decoded tokens)."""
+        self.mode = "decode" if layouts else None
+        self.cache = cache
+        self.decode_layouts = layouts
+        self.base_length = base_length
+        self.step_mask = mask
+        self.step_positions = position_ids
+
+    def _decode_layer(self, index: int, args: tuple, kwargs: dict):
+        layout = None
+        for candidate in self.decode_layouts:
+            if candidate.layer <= index:
+                layout = candidate
+        if layout is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, query = hidden.shape[0], hidden.shape[1]
+        steps = self.cache.get_seq_length(index) - layout.length
+        if self.step_mask is not None:
+            tail = self.step_mask[:, self.base_length:].bool()
+        else:
+            tail = torch.ones(batch, steps + query, dtype=torch.bool, device=hidden.device)
+        mask = torch.cat([layout.compact_mask, tail], dim=1)
+        kwargs["attention_mask"] = create_causal_mask(config=self.language_model.config, inputs_embeds=hidden,
+                                                      attention_mask=mask, past_key_values=self.cache,
+                                                      position_ids=None, layer_idx=index)
+        if self.policy == "renumber":
+            offsets = steps + torch.arange(query, device=hidden.device)
+            rows = layout.next_positions.unsqueeze(-1) + offsets
+            rotary_ids, layer_ids = rope_inputs(rows)
+            kwargs["position_embeddings"] = self.language_model.rotary_emb(hidden, rotary_ids)
+            kwargs["position_ids"] = layer_ids
+        return args, kwargs

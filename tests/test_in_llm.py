@@ -1,0 +1,181 @@
+"""In-LLM pruning on every in-LLM method x every model family (tiny random-weight models built in code).
+
+The generic contract (keep=1.0 identity, detach, padded batches == alone, KV lengths, rules) runs over every
+method in test_pre_llm.py; here: decoding on the pruned cache against an uncached replay, the schedule in the KV
+cache of every sample, recomputed attention rows against eager attention, and SDPA kept throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import mmprune
+import tiny
+from mmprune.engine.layers import StageContext
+from mmprune.engine.tokens import Selection
+from mmprune.methods.base import InLLMPruner
+
+IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage]
+ONE_IMAGE = [[3, ("img", 0), 4]]
+MIXED = [[3, ("img", 0), 4], [6, ("img", 1), 2, ("img", 2), 1], [1, ("img", 3), 9]]
+STEPS = 4
+
+
+@dataclass
+class Replay(InLLMPruner):
+    """Keeps given original token indices at given layers (a test device: re-applies a run's kept sets)."""
+
+    keep: int | float = 1.0
+    layers: list[int] = field(default_factory=list)
+    kept: list[list[list[int]]] = field(default_factory=list)  # [stage][image]
+    positions: str | None = None
+
+    name: ClassVar[str] = "replay"
+    summary: ClassVar[str] = "replay"
+
+    def stage_layers(self, num_layers):
+        return self.layers
+
+    def schedule(self, num_tokens, num_layers):
+        return [len(stage[0]) for stage in self.kept]
+
+    def choose(self, ctx, stage, counts):
+        out = []
+        for image, track in enumerate(ctx.tracks):
+            wanted = torch.tensor(self.kept[stage][image], device=track.original.device)
+            out.append(Selection.of(torch.isin(track.original, wanted).nonzero().squeeze(1)))
+        return out
+
+
+def replay_of(pruner, stats) -> Replay:
+    image = stats["samples"][0]["images"][0]
+    return Replay(layers=stats["stage_layers"], kept=[[stage["kept"]] for stage in image["stages"]],
+                  positions=stats["positions"])
+
+
+def with_tokens(inputs, tokens):
+    full = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
+    if "mm_token_type_ids" in full:
+        full["mm_token_type_ids"] = (tokens == tiny.IMAGE_TOKEN).int()
+    return full
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_decoding_on_the_pruned_cache_equals_an_uncached_replay(family, method):
+    """Tokens and logits of each decode step equal one uncached pass over prompt + generated tokens that removes
+    the same tokens at the same layers: positions, masks and the per-layer cache agree."""
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert pruner.stats["stage_layers"], "an in-LLM method must prune at some layer"
+    replay = replay_of(pruner, pruner.stats)
+    with replay.attach(model), torch.no_grad():
+        logits = model(**with_tokens(inputs, out.sequences), use_cache=False).logits
+    assert final(replay.stats) == final(pruner.stats)
+    decoded = torch.stack(out.logits, dim=1)[0]  # (steps, vocab)
+    torch.testing.assert_close(logits[0, -STEPS - 1:-1], decoded, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits[0, -STEPS - 1:-1].argmax(-1), out.sequences[0, -STEPS:])
+
+
+def final(stats):
+    return [[image["stages"][-1]["kept"] for image in sample["images"]] for sample in stats["samples"]]
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_kv_cache_of_every_sample_follows_the_schedule(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, MIXED)
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    stats = pruner.stats
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != tiny.IMAGE_TOKEN)).sum(1).tolist()
+    layers = model.config.text_config.num_hidden_layers
+    for sample, image_ids in zip(stats["samples"], ([0], [1, 2], [3])):
+        schedule = [pruner.schedule(tiny.tokens_per_image(family, i), layers) for i in image_ids]
+        per_layer = [sum(tiny.tokens_per_image(family, i) for i in image_ids)] * layers
+        for stage, layer in enumerate(stats["stage_layers"]):
+            for later in range(layer, layers):
+                per_layer[later] = sum(counts[stage] for counts in schedule)
+        assert sample["tokens_per_layer"] == per_layer
+        assert sample["equivalent_tokens"] == sum(per_layer) / layers
+    for layer in range(layers):
+        expected = max(t + s["tokens_per_layer"][layer] for t, s in zip(text, stats["samples"]))
+        assert cache.get_seq_length(layer) == expected
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_recomputed_attention_rows_equal_eager_attention(family, method, monkeypatch):
+    """Every attention row a method computes itself equals that row of the eager attention weights of the same
+    layer on the same (already reduced) sequence."""
+    model = tiny_model(family)
+    inputs = tiny.batch(family, ONE_IMAGE)
+    calls = []
+    original = StageContext.attention
+
+    def spy(ctx, layer, queries, rope=True):
+        probs = original(ctx, layer, queries, rope)
+        calls.append((ctx.stage, layer, queries.clone(), rope, probs))
+        return probs
+
+    monkeypatch.setattr(StageContext, "attention", spy)
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    sdpa_calls, calls[:] = list(calls), []
+    sdpa_kept = final(pruner.stats)
+    if not any(rope for _, _, _, rope, _ in sdpa_calls):
+        pytest.skip(f"{method} computes no RoPE attention rows")
+
+    eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    weights = {}
+
+    def keep_weights(index):
+        def hook(module, args, output):
+            weights.setdefault(index, output[1])  # the first forward's weights; returns None: output unchanged
+        return hook
+
+    hooks = [layer.self_attn.register_forward_hook(keep_weights(i))
+             for i, layer in enumerate(eager.model.language_model.layers)]
+    try:
+        with pruner.attach(eager), torch.no_grad():
+            eager(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert final(pruner.stats) == sdpa_kept
+    for stage, layer, queries, rope, probs in sdpa_calls:
+        if not rope:
+            continue
+        rows = weights[layer][0, :, queries[0]]  # (heads, q, L)
+        torch.testing.assert_close(probs[0], rows.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_attention_implementation_unchanged_while_attached(family, method):
+    model = tiny_model(family)
+    lm = model.model.language_model
+    seen = []
+    pruner = mmprune.get(method, keep=0.25)
+    with pruner.attach(model):
+        hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
+                 for layer in lm.layers]
+        try:
+            with torch.no_grad():
+                model.generate(**tiny.batch(family, MIXED), max_new_tokens=2, do_sample=False)
+            implementations = {layer.self_attn.config._attn_implementation for layer in lm.layers}
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert implementations == {"sdpa"} and lm.config._attn_implementation == "sdpa"
+    assert seen and not any(kwargs.get("output_attentions") for kwargs in seen)
