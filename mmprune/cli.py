@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mmprune
 from mmprune.engine.session import final_kept
+from mmprune.zoo import SHIPPED_MODEL
 
 
 class CliError(Exception):
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)
     run = sub.add_parser("run", help="answer one prompt about one image with a pruning method")
-    run.add_argument("--model", required=True, help="local path or hub id of a supported HF VLM")
+    run.add_argument("--model", default=str(SHIPPED_MODEL),
+                     help="local path or hub id of a supported HF VLM (default: the shipped shapes-llava model)")
     run.add_argument("--method", required=True, help="method name (see `mmprune methods`)")
     run.add_argument("--keep", required=True, help="int: visual tokens kept per image; float in (0, 1]: fraction")
     run.add_argument("--image", required=True, help="image file")

@@ -6,7 +6,9 @@ from mmprune.methods import (
     DivPrunePruner,
     FasterVLMPruner,
     FastVPruner,
+    FeatherPruner,
     PoolPruner,
+    PyramidDropPruner,
     Pruner,
     RandomPruner,
     UniformPruner,
@@ -23,6 +25,8 @@ METHODS: dict[str, type[Pruner]] = {
         VisionZipPruner,
         DivPrunePruner,
         FastVPruner,
+        PyramidDropPruner,
+        FeatherPruner,
     )
 }
 

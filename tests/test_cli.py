@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import mmprune
+from mmprune.methods.base import MultiStagePruner
 from mmprune.cli import main
 from mmprune.zoo.tiny_random import build_tiny_llava
 
@@ -38,14 +39,20 @@ def test_methods_lists_every_method_with_stage(capsys):
 
 @pytest.mark.parametrize("method", mmprune.available())
 def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
-    assert run("run", "--model", model_dir, "--method", method, "--keep", "4", "--image", image_file,
+    multi_stage = issubclass(mmprune.METHODS[method], MultiStagePruner)
+    keep = 8 if multi_stage else 4  # multi-stage: the average over layers; every token runs until stage 1
+    assert run("run", "--model", model_dir, "--method", method, "--keep", str(keep), "--image", image_file,
                "--prompt", "what is the colour ?", "--max-new-tokens", "3", "--json") == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["method"] == method and result["keep"] == 4
-    assert result["visual_tokens_before"] == 16 and result["visual_tokens_after"] == 4
-    assert result["tokens_per_layer"][-1] == 4 and len(result["tokens_per_layer"]) == 4
-    if "pre" in mmprune.METHODS[method].stage:
+    assert result["method"] == method and result["keep"] == keep
+    assert result["visual_tokens_before"] == 16 and len(result["tokens_per_layer"]) == 4
+    assert result["visual_tokens_after"] == result["tokens_per_layer"][-1] >= len(result["kept"][0])
+    if multi_stage:
+        assert result["equivalent_tokens"] <= 8 and result["tokens_per_layer"][0] == 16
+    elif "pre" in mmprune.METHODS[method].stage:
         assert result["tokens_per_layer"] == [4] * 4 and result["equivalent_tokens"] == 4.0
+    else:
+        assert result["tokens_per_layer"][-1] == 4 and result["tokens_per_layer"][0] == 16
     assert isinstance(result["answer"], str)
 
 

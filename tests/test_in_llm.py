@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import keep_for, tiny_model
 
 import mmprune
 import tiny
 from mmprune.engine.layers import StageContext
-from mmprune.engine.tokens import Selection
+from mmprune.engine.tokens import Segment, Selection
 from mmprune.methods.base import InLLMPruner
 
 IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage]
@@ -39,11 +40,8 @@ class Replay(InLLMPruner):
     name: ClassVar[str] = "replay"
     summary: ClassVar[str] = "replay"
 
-    def stage_layers(self, num_layers):
-        return self.layers
-
-    def schedule(self, num_tokens, num_layers):
-        return [len(stage[0]) for stage in self.kept]
+    def plan(self, images, num_layers):
+        return self.layers, [[len(stage[image]) for stage in self.kept] for image in range(len(images))]
 
     def choose(self, ctx, stage, counts):
         out = []
@@ -72,7 +70,7 @@ def test_decoding_on_the_pruned_cache_equals_an_uncached_replay(family, method):
     the same tokens at the same layers: positions, masks and the per-layer cache agree."""
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -94,18 +92,25 @@ def final(stats):
 def test_kv_cache_of_every_sample_follows_the_schedule(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, MIXED)
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         cache = model(**inputs, use_cache=True).past_key_values
     stats = pruner.stats
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != tiny.IMAGE_TOKEN)).sum(1).tolist()
     layers = model.config.text_config.num_hidden_layers
     for sample, image_ids in zip(stats["samples"], ([0], [1, 2], [3])):
-        schedule = [pruner.schedule(tiny.tokens_per_image(family, i), layers) for i in image_ids]
+        tracks = [SimpleNamespace(count=tiny.tokens_per_image(family, i), segments=[Segment(*g) for g in image["segments"]])
+                  for i, image in zip(image_ids, sample["images"])]
+        stage_layers, schedule = pruner.plan(tracks, layers)
+        assert stage_layers == stats["stage_layers"]
         per_layer = [sum(tiny.tokens_per_image(family, i) for i in image_ids)] * layers
-        for stage, layer in enumerate(stats["stage_layers"]):
+        for stage, layer in enumerate(stage_layers):
+            kept = [len(image["stages"][stage]["kept"]) for image in sample["images"]]
+            assert all(k <= counts[stage] for k, counts in zip(kept, schedule))
+            if not pruner.variable_counts:
+                assert kept == [counts[stage] for counts in schedule]
             for later in range(layer, layers):
-                per_layer[later] = sum(counts[stage] for counts in schedule)
+                per_layer[later] = sum(kept)
         assert sample["tokens_per_layer"] == per_layer
         assert sample["equivalent_tokens"] == sum(per_layer) / layers
     for layer in range(layers):
@@ -128,36 +133,35 @@ def test_recomputed_attention_rows_equal_eager_attention(family, method, monkeyp
         return probs
 
     monkeypatch.setattr(StageContext, "attention", spy)
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
-    sdpa_calls, calls[:] = list(calls), []
-    sdpa_kept = final(pruner.stats)
+    sdpa_calls = list(calls)
     if not any(rope for _, _, _, rope, _ in sdpa_calls):
         pytest.skip(f"{method} computes no RoPE attention rows")
 
     eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
-    weights = {}
-
-    def keep_weights(index):
-        def hook(module, args, output):
-            weights.setdefault(index, output[1])  # the first forward's weights; returns None: output unchanged
-        return hook
-
-    hooks = [layer.self_attn.register_forward_hook(keep_weights(i))
-             for i, layer in enumerate(eager.model.language_model.layers)]
-    try:
-        with pruner.attach(eager), torch.no_grad():
-            eager(**inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert final(pruner.stats) == sdpa_kept
+    stats = pruner.stats
+    image = stats["samples"][0]["images"][0]
     for stage, layer, queries, rope, probs in sdpa_calls:
         if not rope:
             continue
-        rows = weights[layer][0, :, queries[0]]  # (heads, q, L)
+        # the sequence the method scored: the earlier stages' kept sets replayed on the eager model
+        earlier = Replay(layers=stats["stage_layers"][:stage], kept=[[st["kept"]] for st in image["stages"][:stage]],
+                         positions=stats["positions"])
+        weights = {}
+
+        def keep_weights(module, args, output):
+            weights.setdefault("rows", output[1])  # returns None: the output is unchanged
+
+        hook = eager.model.language_model.layers[layer].self_attn.register_forward_hook(keep_weights)
+        try:
+            with earlier.attach(eager), torch.no_grad():
+                eager(**inputs)
+        finally:
+            hook.remove()
+        rows = weights["rows"][0][:, queries[0]]  # (heads, q, L)
         torch.testing.assert_close(probs[0], rows.float(), rtol=1e-4, atol=1e-5)
 
 
@@ -166,7 +170,7 @@ def test_attention_implementation_unchanged_while_attached(family, method):
     model = tiny_model(family)
     lm = model.model.language_model
     seen = []
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model):
         hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
                  for layer in lm.layers]

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import keep_for, tiny_model
 
 import mmprune
 import tiny
@@ -55,7 +55,7 @@ def test_detach_restores_model_exactly(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
     before = last_logits(model, inputs)
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model):
         pruned = last_logits(model, inputs)
     assert not torch.equal(pruned, before), "pruning a quarter of the tokens should change the logits"
@@ -73,7 +73,7 @@ def test_detach_restores_model_exactly(family, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_left_padded_batch_matches_each_sample_alone(family, method):
     model = tiny_model(family)
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model):
         batch_out = generate(model, tiny.batch(family, MIXED, side="left"))
         batch_kept = kept_sets(pruner.stats)
@@ -90,7 +90,7 @@ def test_right_padded_batch_matches_each_sample_alone(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, MIXED, side="right")
     last = inputs["attention_mask"].sum(1) - 1
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         out = model(**inputs).logits
         batch_kept = kept_sets(pruner.stats)
@@ -107,7 +107,7 @@ def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
     text = int((inputs["input_ids"] != tiny.IMAGE_TOKEN).sum())
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         cache = model(**inputs, use_cache=True).past_key_values
     per_layer = pruner.stats["samples"][0]["tokens_per_layer"]
@@ -130,7 +130,7 @@ def test_cached_decoding_agrees_with_full_recomputation(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
     n = GEN["max_new_tokens"]
-    pruner = mmprune.get(method, keep=0.25)
+    pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         tokens = model.generate(**inputs, **GEN)
         full = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
@@ -257,9 +257,29 @@ def rule_visionzip(model, inputs, k):
     return sorted(set(dominant) | set(targets))
 
 
-def rule_fastv(model, inputs, k):
-    row = _eager_llm_attentions(model, inputs)[2 - 1][0, :, -1]  # layer K-1 = 1, last prompt token, per head
+def rule_fastv(model, inputs, k, layer):
+    row = _eager_llm_attentions(model, inputs)[layer - 1][0, :, -1]  # layer K-1, last prompt token, per head
     return sorted(row.mean(0)[_visual_columns(inputs)].topk(k).indices.tolist())
+
+
+def rule_pyramiddrop(model, inputs, k, layer):
+    row = _eager_llm_attentions(model, inputs)[layer][0, :, -1]  # the next layer K's row on its input
+    return sorted(row.mean(0)[_visual_columns(inputs)].topk(k).indices.tolist())
+
+
+def rule_feather(model, inputs, k, layer):
+    """Top-k of the last token's RoPE-free query against the image keys (softmax over them) at layer K-1, united
+    with the stride-3 grid (of a 4x4 grid: 0, 3, 12, 15)."""
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[layer - 1][0]  # input of layer K-1
+        block = model.model.language_model.layers[layer - 1]
+        x = block.input_layernorm(hidden)
+        heads, head_dim = model.config.text_config.num_attention_heads, block.self_attn.head_dim
+        q = block.self_attn.q_proj(x[-1]).view(heads, head_dim)
+        keys = block.self_attn.k_proj(x[_visual_columns(inputs)]).view(16, -1, head_dim)
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1).transpose(0, 1)  # (heads, 16, d)
+        scores = ((keys @ q.unsqueeze(-1)).squeeze(-1) * head_dim**-0.5).softmax(-1).mean(0)
+    return sorted(set(scores.topk(k).indices.tolist()) | {0, 3, 12, 15})
 
 
 def rule_divprune(model, inputs, k):
@@ -285,12 +305,20 @@ def test_every_method_has_a_reference_rule():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_kept_indices_equal_the_rule_computed_directly(method):
+    """Pre-LLM: the kept set of a 4-token budget. In-LLM: the first stage's kept set (later stages score the
+    sequence the engine built, which test_in_llm checks against eager attention)."""
     model = tiny_model("llava")
     inputs = tiny.batch("llava", ONE_IMAGE)
-    pruner = mmprune.get(method, keep=4)
+    pruner = mmprune.get(method, keep=4 if method in PRE_LLM else keep_for(method))
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
-    assert kept_sets(pruner.stats)[0][0] == RULES[method](model, inputs, 4)
+    image = pruner.stats["samples"][0]["images"][0]
+    if method in PRE_LLM:
+        assert image["kept"] == RULES[method](model, inputs, 4)
+        return
+    kept, layer = image["stages"][0]["kept"], pruner.stats["stage_layers"][0]
+    k = int(pruner._strengths[0] * 16) if method == "feather" else len(kept)
+    assert kept == RULES[method](model, inputs, k, layer)
 
 
 def test_pool_tokens_are_window_averages_of_projected_tokens():

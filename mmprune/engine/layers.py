@@ -35,6 +35,7 @@ class ImageTrack:
     image_in_sample: int
     positions: torch.Tensor  # (n,) current sequence indices, ascending
     original: torch.Tensor  # (n,) index of each surviving token among the image's tokens before any pruning
+    segments: list = field(default_factory=list)  # the image's 2-D layout (engine.tokens.Segment), original indices
 
     @property
     def count(self) -> int:
@@ -145,7 +146,8 @@ class StageContext:
         k = attn.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
         if rope:
             cos, sin = self._rope(layer)
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            # the model may have computed one (1, L) table for the whole batch
+            cos, sin = cos.to(q.dtype).expand(batch, -1, -1), sin.to(q.dtype).expand(batch, -1, -1)
             cos_q = cos.gather(1, queries.unsqueeze(-1).expand(-1, -1, cos.shape[-1])).unsqueeze(1)
             sin_q = sin.gather(1, queries.unsqueeze(-1).expand(-1, -1, sin.shape[-1])).unsqueeze(1)
             q = q * cos_q + rotate_half(q) * sin_q
@@ -187,12 +189,8 @@ class LayerRunner:
         self.policy = policy
         self.language_model = adapter.language_model
         self.num_layers = adapter.num_layers
-        self.stage_layers = list(pruner.stage_layers(self.num_layers))
-        if self.stage_layers != sorted(set(self.stage_layers)) or not all(
-                0 < layer < self.num_layers for layer in self.stage_layers):
-            raise ValueError(f"{pruner.name}: stage layers {self.stage_layers} must be increasing and within "
-                             f"1..{self.num_layers - 1} for a {self.num_layers}-layer language model")
-        self.watch = set(pruner.watch(self.num_layers))
+        self.stage_layers: list[int] = []
+        self.watch: set[int] = set()
         self.mode: str | None = None
         self.handles: list = []
         self.records: dict[int, tuple[torch.Tensor, tuple]] = {}
@@ -218,6 +216,22 @@ class LayerRunner:
         return hook
 
     # ------------------------------------------------------------------ prefill
+    def plan(self, tracks: list[ImageTrack]) -> list[list[int]]:
+        """The method's stage layers (checked) and, per image, the most tokens left after each stage."""
+        layers, counts = self.pruner.plan(tracks, self.num_layers)
+        layers = [int(layer) for layer in layers]
+        if layers != sorted(set(layers)) or not all(0 < layer < self.num_layers for layer in layers):
+            raise ValueError(f"{self.pruner.name}: stage layers {layers} must be increasing and within "
+                             f"1..{self.num_layers - 1} for a {self.num_layers}-layer language model")
+        for track, image_counts in zip(tracks, counts):
+            if len(image_counts) != len(layers) or any(
+                    not 0 <= c <= prev for c, prev in zip(image_counts, [track.count, *image_counts])):
+                raise ValueError(f"{self.pruner.name}: schedule {image_counts} for an image of {track.count} "
+                                 f"tokens must give one non-increasing count per stage {layers}")
+        self.stage_layers = layers
+        self.watch = set(self.pruner.watch(self.num_layers, layers))
+        return counts
+
     def start_prefill(self, cache: Any, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                       hidden_shape: torch.Size, tracks: list[ImageTrack], counts: list[list[int]]) -> PrefillRecord:
         batch, length = hidden_shape[0], hidden_shape[1]
@@ -269,10 +283,10 @@ class LayerRunner:
             if hidden.is_cuda:
                 torch.cuda.synchronize(hidden.device)
             elapsed = (time.perf_counter() - started) * 1000.0
-            for k, sel, track in zip(wanted, selections, self.tracks):
-                if sel.count != k:
+            for k, sel in zip(wanted, selections):
+                if sel.count > k:
                     raise RuntimeError(f"{self.pruner.name} kept {sel.count} tokens of an image at layer {index}; "
-                                       f"its schedule says {k}")
+                                       f"its schedule allows {k}")
         self.record.layers.append(index)
         self.record.selection_ms.append(elapsed)
         self.record.kept.append([track.original[sel.slots.to(track.original.device)].tolist()

@@ -55,7 +55,7 @@ class PruningSession:
         self._images: list[VisualTokens] | None = None
         self._input_ids: torch.Tensor | None = None
         self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
-        self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "stage_layers") else None
+        self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "plan") else None
         self._pending: tuple | None = None  # (cache, layout, stats) of the prefill in flight
         self._inner_signature = inspect.signature(self.adapter.inner.forward)
         self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
@@ -181,11 +181,11 @@ class PruningSession:
         if self.runner is not None:
             tracks = [ImageTrack(sample=span.sample, image_in_sample=image.image_in_sample,
                                  positions=layout.destinations(span.sample, span.positions[:span.selection.count]),
-                                 original=span.selection.slots.to(embeds.device))
+                                 original=span.selection.slots.to(embeds.device), segments=image.segments)
                       for span, image in zip(spans, images)]
-            counts = [list(self.pruner.schedule(track.count, self.adapter.num_layers)) for track in tracks]
+            counts = self.runner.plan(tracks)
             record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts)
-            self._pending = (cache, layout, (record, counts, [span.sample for span in spans]))
+            self._pending = (cache, layout, (record, [span.sample for span in spans]))
         return kwargs
 
     def _decode(self, kwargs: dict, layout: Layout, stages: list[StageLayout], cache: Any) -> dict:
@@ -233,6 +233,8 @@ class PruningSession:
                 "after": sel.count,
                 "kept": sel.kept(),
                 "merged": sel.merged,
+                # the image's token layout: [start, rows, cols, newline-per-row] per grid
+                "segments": [[g.start, g.rows, g.cols, g.newline] for g in image.segments],
             })
         layers = self.adapter.num_layers
         for sample in samples:
@@ -256,13 +258,13 @@ class PruningSession:
 
     def _add_stage_stats(self, pending: tuple) -> None:
         """Per-layer visual token counts, equivalent average tokens and per-stage timing of an in-LLM prefill."""
-        record, counts, samples_of = pending
+        record, samples_of = pending
         stats = self.pruner._stats
         layers = self.adapter.num_layers
         for sample in stats["samples"]:
             sample["tokens_per_layer"] = [0] * layers
         seen: dict[int, int] = {}
-        for image, (image_counts, sample_index) in enumerate(zip(counts, samples_of)):
+        for image, sample_index in enumerate(samples_of):
             sample = stats["samples"][sample_index]
             entry = sample["images"][seen.get(sample_index, 0)]
             seen[sample_index] = seen.get(sample_index, 0) + 1
@@ -272,7 +274,7 @@ class PruningSession:
             for layer in range(layers):
                 for stage, stage_layer in enumerate(record.layers):
                     if stage_layer == layer:
-                        current = image_counts[stage]
+                        current = len(record.kept[stage][image])
                 sample["tokens_per_layer"][layer] += current
         for sample in stats["samples"]:
             sample["visual_tokens_llm_input"] = sample["visual_tokens_after"]

@@ -1,10 +1,19 @@
 """What to keep: one file per method, pure tensor logic. Register a new method in ``mmprune/registry.py``."""
 
-from mmprune.methods.base import POSITION_POLICIES, InLLMPruner, PreLLMPruner, Pruner, SingleStagePruner
+from mmprune.methods.base import (
+    POSITION_POLICIES,
+    InLLMPruner,
+    MultiStagePruner,
+    PreLLMPruner,
+    Pruner,
+    SingleStagePruner,
+)
 from mmprune.methods.divprune import DivPrunePruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
+from mmprune.methods.feather import FeatherPruner
 from mmprune.methods.pool import PoolPruner
+from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visionzip import VisionZipPruner
@@ -14,8 +23,11 @@ __all__ = [
     "DivPrunePruner",
     "FastVPruner",
     "FasterVLMPruner",
+    "FeatherPruner",
     "InLLMPruner",
+    "MultiStagePruner",
     "PoolPruner",
+    "PyramidDropPruner",
     "PreLLMPruner",
     "Pruner",
     "RandomPruner",

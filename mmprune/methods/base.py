@@ -94,7 +94,7 @@ class PreLLMPruner(Pruner):
         raise NotImplementedError
 
 
-def scale_layers(layers: list[int] | tuple[int, ...], num_layers: int, reference_depth: int = 32) -> list[int]:
+def scale_layers(layers: list[int] | tuple[int, ...], num_layers: int, reference_depth: float = 32) -> list[int]:
     """A schedule given for a ``reference_depth``-layer LLM (the papers' 7B models) moved to ``num_layers``,
     keeping each stage at the same relative depth (at least layer 1, strictly increasing)."""
     out: list[int] = []
@@ -121,18 +121,23 @@ class InLLMPruner(Pruner):
 
     stage: ClassVar[str] = "in-llm"
     default_positions: ClassVar[str | None] = None
+    variable_counts: ClassVar[bool] = False  # whether a stage may keep fewer tokens than its schedule's count
+
+    def plan(self, images: list, num_layers: int) -> tuple[list[int], list[list[int]]]:
+        """The stage layers (decoder layers before which visual tokens leave, increasing) and, per image (an
+        :class:`~mmprune.engine.layers.ImageTrack`: ``count`` tokens entering the LLM, its ``segments``), the most
+        tokens left after each stage (non-increasing)."""
+        return self.stage_layers(num_layers), [self.schedule(image.count, num_layers) for image in images]
 
     def stage_layers(self, num_layers: int) -> list[int]:  # pragma: no cover - abstract
-        """Decoder layers before which visual tokens leave (each sees the reduced sequence), increasing."""
         raise NotImplementedError
-
-    def watch(self, num_layers: int) -> set[int]:
-        """Decoder layers (besides the stage layer) whose inputs the method reads."""
-        return set()
 
     def schedule(self, num_tokens: int, num_layers: int) -> list[int]:  # pragma: no cover - abstract
-        """Tokens of one image left after each stage (non-increasing), given ``num_tokens`` entering the LLM."""
         raise NotImplementedError
+
+    def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:
+        """Decoder layers (besides the current stage layer) whose inputs the method reads."""
+        return set()
 
     def describe_schedule(self) -> dict:
         """What the stats report about the budget: how ``keep`` was turned into the schedule."""
@@ -171,3 +176,91 @@ class SingleStagePruner(InLLMPruner):
 
     def describe_schedule(self) -> dict:
         return {"keep": self.keep, "mode": "single stage", "layer": self.layer}
+
+
+def equivalent_tokens(num_tokens: int, layers: list[int], counts: list[int], num_layers: int) -> float:
+    """``(1/L) * sum_l n_l``: visual tokens entering each decoder layer, averaged over the layers (the budget
+    SparseVLM, PyramidDrop and VisionDrop report)."""
+    bounds = [*layers, num_layers]
+    total = layers[0] * num_tokens + sum((bounds[s + 1] - bounds[s]) * c for s, c in enumerate(counts))
+    return total / num_layers
+
+
+@dataclass
+class MultiStagePruner(InLLMPruner):
+    """Several stages. ``keep`` is the **equivalent average budget** ``T_eq`` (an int count, or a fraction of the
+    tokens entering the LLM): the schedule's strength (PyramidDrop's lambda, FEATHER's 1 - r, ...) is solved so
+    the executed schedule averages at most ``keep`` tokens per layer. When even the weakest schedule at the
+    paper's layers averages more (every token runs until the first stage), the stages move proportionally
+    earlier until the budget is reachable. An explicit strength parameter or explicit ``layers`` override this;
+    ``pruner.stats["schedule"]`` says which happened.
+
+    Subclasses set ``paper_layers`` (for a ``paper_depth``-layer LLM, scaled to the model's depth),
+    ``strength_field`` (the dataclass field that sets the strength explicitly) and implement
+    :meth:`stage_counts`.
+    """
+
+    layers: list[int] | None = None
+
+    paper_layers: ClassVar[tuple[int, ...]] = ()
+    paper_depth: ClassVar[int] = 32
+    strength_field: ClassVar[str] = ""
+
+    def stage_counts(self, image, strength: float, stages: int) -> list[int]:  # pragma: no cover - abstract
+        """Most tokens of ``image`` (``.count``, ``.segments``) left after each of ``stages`` stages for a
+        schedule strength in [0, 1] (1 keeps all)."""
+        raise NotImplementedError
+
+    def explicit_strength(self) -> float | None:
+        return getattr(self, self.strength_field) if self.strength_field else None
+
+    def _average(self, image, strength: float, layers: list[int], num_layers: int) -> float:
+        return equivalent_tokens(image.count, layers, self.stage_counts(image, strength, len(layers)), num_layers)
+
+    def _target(self, image) -> float:
+        return self.budget(image.count) if isinstance(self.keep, int) else self.keep * image.count
+
+    def _solve(self, image, layers: list[int], num_layers: int) -> float:
+        """The strongest schedule (largest strength) whose average stays within the image's budget."""
+        target = self._target(image) + 1e-9
+        if self._average(image, 1.0, layers, num_layers) <= target:
+            return 1.0
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self._average(image, mid, layers, num_layers) <= target else (low, mid)
+        return low
+
+    def plan(self, images: list, num_layers: int) -> tuple[list[int], list[list[int]]]:
+        layers = (list(self.layers) if self.layers is not None
+                  else scale_layers(self.paper_layers, num_layers, self.paper_depth))
+        how: dict = {"keep": self.keep}
+        explicit = self.explicit_strength()
+        if explicit is not None:
+            how["mode"] = f"explicit {self.strength_field}"
+            strengths = [explicit] * len(images)
+        else:
+            how["mode"] = "scaled to keep (equivalent average tokens)"
+            shift = 1.0
+            while any(self._average(image, 0.0, layers, num_layers) > self._target(image) + 1e-9
+                      for image in images):
+                if self.layers is not None or layers[0] == 1:
+                    image = max(images, key=lambda i: self._average(i, 0.0, layers, num_layers) - self._target(i))
+                    raise ValueError(
+                        f"{self.name}: keep={self.keep} asks for {self._target(image):.1f} tokens per layer on "
+                        f"average but stages at layers {layers} average at least "
+                        f"{self._average(image, 0.0, layers, num_layers):.1f}; pass earlier layers or a larger keep")
+                shift *= 0.9  # every stage moves earlier, same relative spacing
+                layers = scale_layers(self.paper_layers, num_layers, self.paper_depth / shift)
+                how["mode"] = "scaled to keep; stages moved earlier to reach it"
+            strengths = [self._solve(image, layers, num_layers) for image in images]
+        counts = [self.stage_counts(image, strength, len(layers)) for image, strength in zip(images, strengths)]
+        self._strengths = strengths
+        how.update(layers=layers, strength=[round(v, 6) for v in strengths], counts=counts,
+                   planned_equivalent_tokens=[equivalent_tokens(image.count, layers, c, num_layers)
+                                              for image, c in zip(images, counts)])
+        self._schedule = how
+        return layers, counts
+
+    def describe_schedule(self) -> dict:
+        return dict(getattr(self, "_schedule", {"keep": self.keep}))

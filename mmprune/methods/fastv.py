@@ -42,7 +42,7 @@ class FastVPruner(SingleStagePruner):
         if self.query not in QUERIES:
             raise ValueError(f"query={self.query!r}: expected one of {QUERIES}")
 
-    def watch(self, num_layers: int) -> set[int]:
+    def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:
         return {self.layer - 1}
 
     def scores(self, ctx, stage: int) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""PyramidDrop: drop visual tokens in stages, each time by the last instruction token's attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mmprune.methods.base import MultiStagePruner
+
+
+@dataclass
+class PyramidDropPruner(MultiStagePruner):
+    """Pyramid-shaped visual redundancy reduction.
+
+    Paper: "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction"
+    (CVPR 2025); reference code Cooperx521/PyramidDrop.
+
+    Rule (as the code): before each stage layer ``K`` (``layer_list=[8, 16, 24]`` of 32), the hidden states
+    entering ``K`` go through layer ``K``'s ``input_layernorm`` and ``q``/``k`` projections with RoPE at the
+    current positions; the **last instruction token**'s causal softmax row (``1/sqrt(d_h)`` scaling), averaged over
+    heads, scores the visual tokens; the top ``int(N * lambda**s)`` (``s`` = 1, 2, 3, relative to the original
+    count ``N``) stay, in original order. Positions are renumbered (the code's default).
+
+    Budget: ``keep`` is the equivalent average (see :class:`MultiStagePruner`); the default, 270/576, is the paper's
+    ``lambda = 0.5`` schedule (``T_eq`` 270 on LLaVA-1.5). ``lam`` sets lambda explicitly. Layers for other depths
+    are the paper's scaled to the same relative depth. Differences: the row is recomputed (the model keeps SDPA),
+    GQA key heads are repeated (the code assumes ``kv_heads == heads``), batches are padded (the code loops per
+    sample).
+    """
+
+    keep: int | float = 270 / 576
+    lam: float | None = None
+
+    name: ClassVar[str] = "pyramiddrop"
+    summary: ClassVar[str] = "in-LLM, 3 stages: last instruction token's attention, keep N*lambda^s (PyramidDrop)"
+    default_positions: ClassVar[str | None] = "renumber"
+    paper_layers: ClassVar[tuple[int, ...]] = (8, 16, 24)
+    strength_field: ClassVar[str] = "lam"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lam is not None and not (isinstance(self.lam, float) and 0.0 < self.lam <= 1.0):
+            raise ValueError(f"lam={self.lam!r}: expected a float in (0, 1]")
+
+    def stage_counts(self, image, strength: float, stages: int) -> list[int]:
+        return [int(image.count * strength ** (s + 1)) for s in range(stages)]
+
+    def scores(self, ctx, stage: int) -> torch.Tensor:
+        return ctx.attention(ctx.layer, ctx.last_token().unsqueeze(1)).mean(dim=1)[:, 0]
