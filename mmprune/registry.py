@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmprune.methods import (
+    DARTPruner,
     DivPrunePruner,
     FasterVLMPruner,
     FastVPruner,
@@ -27,6 +28,7 @@ METHODS: dict[str, type[Pruner]] = {
         FastVPruner,
         PyramidDropPruner,
         FeatherPruner,
+        DARTPruner,
     )
 }
 

@@ -282,6 +282,36 @@ def rule_feather(model, inputs, k, layer):
     return sorted(set(scores.topk(k).indices.tolist()) | {0, 3, 12, 15})
 
 
+def rule_dart(model, inputs, k, layer):
+    """Pivots by L1 norm of post-RoPE keys at layer K-1 (HF's own rotary code), then per pivot the least
+    cosine-similar remaining visual tokens of model.norm(input of layer K)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        block = lm.layers[layer - 1]
+        x = block.input_layernorm(hidden[layer - 1])
+        length = x.shape[1]
+        keys = block.self_attn.k_proj(x).view(1, length, -1, block.self_attn.head_dim).transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, torch.arange(length).unsqueeze(0))
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        norms = keys[0].abs().sum(dim=(0, 2)).numpy()
+        features = torch.nn.functional.normalize(lm.norm(hidden[layer][0]), dim=-1).numpy()
+    visual = _visual_columns(inputs).numpy()
+    text = np.arange(int(visual[-1]) + 1, length)
+    vp = list(np.argsort(-norms[visual], kind="stable")[:4])
+    tp = list(text[np.argsort(-norms[text], kind="stable")[:4]])
+    pivots = [features[visual[i]] for i in vp] + [features[t] for t in tp]
+    chosen, candidates, left = list(vp), [i for i in range(len(visual)) if i not in vp], k - len(vp)
+    for p, pivot in enumerate(pivots):
+        share = left // len(pivots) + int(p < left % len(pivots))
+        order = sorted(candidates, key=lambda i: features[visual[i]] @ pivot)[:share]
+        chosen += order
+        candidates = [i for i in candidates if i not in order]
+    return sorted(int(i) for i in chosen)
+
+
 def rule_divprune(model, inputs, k):
     x = _features(model, inputs).double().numpy()
     x = x / np.linalg.norm(x, axis=1, keepdims=True)

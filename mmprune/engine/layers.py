@@ -130,10 +130,11 @@ class StageContext:
             return self.runner.position_embeddings_at(layer, self.hidden)
         return self.runner.records[layer][1]
 
-    def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True):
+    def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True, repeat: bool = True):
         """Per-head queries ``(B, H, q, d)`` (rows ``queries`` ``(B, q)``; all rows when None) and keys
-        ``(B, H, L, d)`` (GQA groups repeated) of decoder ``layer`` on its recorded input: the layer's own
-        ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding (``rope=False`` skips it, as FEATHER)."""
+        ``(B, H, L, d)`` (GQA groups repeated; ``repeat=False``: the ``H_kv`` key heads) of decoder ``layer`` on its
+        recorded input: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding
+        (``rope=False`` skips it, as FEATHER)."""
         block = self.model.layers[layer]
         attn = block.self_attn
         hidden = block.input_layernorm(self.layer_input(layer))
@@ -153,7 +154,7 @@ class StageContext:
             q = q * cos_q + rotate_half(q) * sin_q
             k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
         groups = q.shape[1] // k.shape[1]
-        if groups > 1:
+        if groups > 1 and repeat:
             k = k.repeat_interleave(groups, dim=1)
         return q, k
 

@@ -8,6 +8,7 @@ from mmprune.methods.base import (
     Pruner,
     SingleStagePruner,
 )
+from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
@@ -20,6 +21,7 @@ from mmprune.methods.visionzip import VisionZipPruner
 
 __all__ = [
     "POSITION_POLICIES",
+    "DARTPruner",
     "DivPrunePruner",
     "FastVPruner",
     "FasterVLMPruner",
