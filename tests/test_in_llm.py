@@ -183,3 +183,42 @@ def test_attention_implementation_unchanged_while_attached(family, method):
                 hook.remove()
     assert implementations == {"sdpa"} and lm.config._attn_implementation == "sdpa"
     assert seen and not any(kwargs.get("output_attentions") for kwargs in seen)
+
+
+# ---------------------------------------------------------------------------------------------------- debiasing
+def test_debias_removes_a_positional_trend_and_sinks():
+    from mmprune.methods.debias import debias_scores
+
+    positions = torch.arange(40)
+    content = torch.ones(40)
+    content[[3, 11, 19, 27]] = 4.0  # what the image really holds
+    trend = torch.exp(positions / 8.0)  # recency: later tokens (nearer the query) score higher for no reason
+    raw = content * trend
+    raw[35] = 1e4  # an attention sink
+    assert set(torch.topk(raw, 4).indices.tolist()) != {3, 11, 19, 27}
+    assert set(torch.topk(debias_scores(raw, positions), 4).indices.tolist()) == {3, 11, 19, 27}
+
+
+ATTENTION_SCORED = [m for m in IN_LLM if mmprune.METHODS[m].attention_scored]
+
+
+@pytest.mark.parametrize("method", ATTENTION_SCORED)
+def test_debias_wraps_every_attention_scored_method(method):
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", MIXED)
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        with mmprune.get(method, keep=1.0, debias=True).attach(model):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=2, do_sample=False), reference)
+        pruner = mmprune.get(method, keep=keep_for(method), debias=True)
+        with pruner.attach(model):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert pruner.debias and all(sample["equivalent_tokens"] < sample["visual_tokens_before"]
+                                 for sample in pruner.stats["samples"])
+
+
+def test_debias_is_refused_where_scores_are_not_attention():
+    for method in IN_LLM:
+        if not mmprune.METHODS[method].attention_scored:
+            with pytest.raises(ValueError, match="does not score tokens by attention"):
+                mmprune.get(method, debias=True)

@@ -119,9 +119,27 @@ class InLLMPruner(Pruner):
     it reads), or :meth:`choose` itself.
     """
 
+    debias: bool = False
+
     stage: ClassVar[str] = "in-llm"
     default_positions: ClassVar[str | None] = None
     variable_counts: ClassVar[bool] = False  # whether a stage may keep fewer tokens than its schedule's count
+    attention_scored: ClassVar[bool] = True  # whether debias applies (scores are attention probabilities)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.debias, bool):
+            raise ValueError(f"debias={self.debias!r}: expected True or False")
+        if self.debias and not self.attention_scored:
+            raise ValueError(f"{self.name} does not score tokens by attention, so debias=True does not apply")
+
+    def image_scores(self, scores: torch.Tensor, track) -> torch.Tensor:
+        """One image's scores as the top-k sees them: debiased (sinks, recency) when ``debias=True``."""
+        if not self.debias:
+            return scores
+        from mmprune.methods.debias import debias_scores
+
+        return debias_scores(scores, track.positions)
 
     def plan(self, images: list, num_layers: int) -> tuple[list[int], list[list[int]]]:
         """The stage layers (decoder layers before which visual tokens leave, increasing) and, per image (an
@@ -149,7 +167,7 @@ class InLLMPruner(Pruner):
 
     def choose(self, ctx, stage: int, counts: list[int]) -> list[Selection]:
         scores = self.scores(ctx, stage)
-        return [Selection.of(torch.topk(scores[track.sample, track.positions].float(), k).indices)
+        return [Selection.of(torch.topk(self.image_scores(scores[track.sample, track.positions], track), k).indices)
                 for track, k in zip(ctx.tracks, counts)]
 
 

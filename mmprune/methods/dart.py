@@ -43,6 +43,7 @@ class DARTPruner(SingleStagePruner):
     name: ClassVar[str] = "dart"
     summary: ClassVar[str] = "in-LLM: least-duplicated tokens w.r.t. key-norm pivots at layer K (DART)"
     default_positions: ClassVar[str | None] = "original"
+    attention_scored: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -76,7 +76,7 @@ class FeatherPruner(MultiStagePruner):
         for track in ctx.tracks:
             keys = k[track.sample, :, track.positions]  # (H, n, d)
             logits = (q[track.sample, :, 0:1].float() @ keys.float().transpose(-1, -2)).squeeze(1) * scaling
-            out.append(logits.softmax(dim=-1).mean(dim=0))
+            out.append(self.image_scores(logits.softmax(dim=-1).mean(dim=0), track))
         return out
 
     def choose(self, ctx, stage: int, counts: list[int]) -> list[Selection]:
