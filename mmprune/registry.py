@@ -12,6 +12,7 @@ from mmprune.methods import (
     PyramidDropPruner,
     Pruner,
     RandomPruner,
+    ToDREPruner,
     UniformPruner,
     VisionZipPruner,
 )
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Pruner]] = {
         PyramidDropPruner,
         FeatherPruner,
         DARTPruner,
+        ToDREPruner,
     )
 }
 

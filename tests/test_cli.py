@@ -49,8 +49,10 @@ def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
     assert result["visual_tokens_after"] == result["tokens_per_layer"][-1] >= len(result["kept"][0])
     if multi_stage:
         assert result["equivalent_tokens"] <= 8 and result["tokens_per_layer"][0] == 16
-    elif "pre" in mmprune.METHODS[method].stage:
+    elif mmprune.METHODS[method].stage == "pre-llm":
         assert result["tokens_per_layer"] == [4] * 4 and result["equivalent_tokens"] == 4.0
+    elif mmprune.METHODS[method].stage == "pre+in-llm":
+        assert result["tokens_per_layer"][0] == 4  # the pre-LLM budget; its in-LLM stages remove more
     else:
         assert result["tokens_per_layer"][-1] == 4 and result["tokens_per_layer"][0] == 16
     assert isinstance(result["answer"], str)

@@ -20,7 +20,7 @@ import mmprune
 import tiny
 from mmprune.engine.layers import StageContext
 from mmprune.engine.tokens import Segment, Selection
-from mmprune.methods.base import InLLMPruner
+from mmprune.methods.base import HybridPruner
 
 IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage]
 ONE_IMAGE = [[3, ("img", 0), 4]]
@@ -29,16 +29,24 @@ STEPS = 4
 
 
 @dataclass
-class Replay(InLLMPruner):
-    """Keeps given original token indices at given layers (a test device: re-applies a run's kept sets)."""
+class Replay(HybridPruner):
+    """Keeps given original token indices before the LLM and at given layers (a test device: re-applies a run's
+    kept sets to a longer sequence)."""
 
     keep: int | float = 1.0
+    pre: list[list[int]] = field(default_factory=list)  # [image] kept before the LLM
     layers: list[int] = field(default_factory=list)
     kept: list[list[list[int]]] = field(default_factory=list)  # [stage][image]
     positions: str | None = None
 
     name: ClassVar[str] = "replay"
     summary: ClassVar[str] = "replay"
+
+    def pre_llm_budget(self, num_tokens):
+        return len(self.pre[0]) if self.pre else num_tokens
+
+    def select(self, tokens, k):
+        return Selection.of(torch.tensor(self.pre[tokens.sample], device=tokens.embeds.device))
 
     def plan(self, images, num_layers):
         return self.layers, [[len(stage[image]) for stage in self.kept] for image in range(len(images))]
@@ -53,8 +61,8 @@ class Replay(InLLMPruner):
 
 def replay_of(pruner, stats) -> Replay:
     image = stats["samples"][0]["images"][0]
-    return Replay(layers=stats["stage_layers"], kept=[[stage["kept"]] for stage in image["stages"]],
-                  positions=stats["positions"])
+    return Replay(pre=[image["kept"]], layers=stats["stage_layers"],
+                  kept=[[stage["kept"]] for stage in image["stages"]], positions=stats["positions"])
 
 
 def with_tokens(inputs, tokens):
@@ -99,11 +107,12 @@ def test_kv_cache_of_every_sample_follows_the_schedule(family, method):
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != tiny.IMAGE_TOKEN)).sum(1).tolist()
     layers = model.config.text_config.num_hidden_layers
     for sample, image_ids in zip(stats["samples"], ([0], [1, 2], [3])):
-        tracks = [SimpleNamespace(count=tiny.tokens_per_image(family, i), segments=[Segment(*g) for g in image["segments"]])
-                  for i, image in zip(image_ids, sample["images"])]
+        tracks = [SimpleNamespace(count=image["after"], segments=[Segment(*g) for g in image["segments"]])
+                  for image in sample["images"]]
+        assert [image["before"] for image in sample["images"]] == [tiny.tokens_per_image(family, i) for i in image_ids]
         stage_layers, schedule = pruner.plan(tracks, layers)
         assert stage_layers == stats["stage_layers"]
-        per_layer = [sum(tiny.tokens_per_image(family, i) for i in image_ids)] * layers
+        per_layer = [sum(image["after"] for image in sample["images"])] * layers
         for stage, layer in enumerate(stage_layers):
             kept = [len(image["stages"][stage]["kept"]) for image in sample["images"]]
             assert all(k <= counts[stage] for k, counts in zip(kept, schedule))
@@ -148,8 +157,8 @@ def test_recomputed_attention_rows_equal_eager_attention(family, method, monkeyp
         if not rope:
             continue
         # the sequence the method scored: the earlier stages' kept sets replayed on the eager model
-        earlier = Replay(layers=stats["stage_layers"][:stage], kept=[[st["kept"]] for st in image["stages"][:stage]],
-                         positions=stats["positions"])
+        earlier = Replay(pre=[image["kept"]], layers=stats["stage_layers"][:stage],
+                         kept=[[st["kept"]] for st in image["stages"][:stage]], positions=stats["positions"])
         weights = {}
 
         def keep_weights(module, args, output):
@@ -222,3 +231,14 @@ def test_debias_is_refused_where_scores_are_not_attention():
         if not mmprune.METHODS[method].attention_scored:
             with pytest.raises(ValueError, match="does not score tokens by attention"):
                 mmprune.get(method, debias=True)
+
+
+def test_todre_adaptive_drops_an_image_once_the_last_token_stops_reading_it():
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", ONE_IMAGE)
+    for threshold, expected in ((0.999, [4, 4, 0, 0]), (1e-9, [4, 4, 4, 4])):
+        pruner = mmprune.get("todre", keep=4, adaptive=True, drop_layer=2, migration_threshold=threshold)
+        with pruner.attach(model), torch.no_grad():
+            model(**inputs)
+        assert pruner.stats["stage_layers"] == [2, 3]
+        assert pruner.stats["samples"][0]["tokens_per_layer"] == expected

@@ -15,7 +15,8 @@ import tiny
 from mmprune.engine.session import final_kept
 
 METHODS = mmprune.available()
-PRE_LLM = [m for m in METHODS if "pre" in mmprune.METHODS[m].stage]
+PRE_LLM = [m for m in METHODS if mmprune.METHODS[m].stage == "pre-llm"]
+HYBRID = [m for m in METHODS if mmprune.METHODS[m].stage == "pre+in-llm"]
 GEN = dict(max_new_tokens=4, do_sample=False)
 ONE_IMAGE = [[3, ("img", 0), 4]]
 # mixed lengths, a sample with two images (so samples drop different numbers of tokens and need re-padding)
@@ -81,8 +82,7 @@ def test_left_padded_batch_matches_each_sample_alone(family, method):
             alone = generate(model, tiny.batch(family, [sample]))
             assert kept_sets(pruner.stats)[0] == batch_kept[i]
             assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch_out[i, -GEN["max_new_tokens"]:])
-    counts = [s["visual_tokens_after"] for s in pruner.stats["samples"]]
-    assert counts[0] > 0
+    assert pruner.stats["samples"][0]["tokens_per_layer"][0] > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -120,7 +120,9 @@ def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
         assert per_layer == [kept] * layers
     else:
         stages = pruner.stats["stage_layers"]
-        assert per_layer[stages[-1]] < n and per_layer[0] == n
+        entering = pruner.stats["samples"][0]["visual_tokens_llm_input"]
+        assert per_layer[stages[-1]] < entering and per_layer[0] == entering
+        assert entering == (n if method not in HYBRID else mmprune.METHODS[method].pre_llm_budget(pruner, n))
 
 
 @pytest.mark.parametrize("method", PRE_LLM)
@@ -312,6 +314,19 @@ def rule_dart(model, inputs, k, layer):
     return sorted(int(i) for i in chosen)
 
 
+def rule_todre(model, inputs, k):
+    """Greedy k-center under cosine distance, first centre farthest from the mean token."""
+    x = _features(model, inputs).double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    mean = x.mean(0) / np.linalg.norm(x.mean(0))
+    chosen = [int(np.argmax(1 - x @ mean))]
+    while len(chosen) < k:
+        nearest = (1 - x @ x[chosen].T).min(axis=1)
+        nearest[chosen] = -np.inf
+        chosen.append(int(np.argmax(nearest)))
+    return sorted(chosen)
+
+
 def rule_divprune(model, inputs, k):
     x = _features(model, inputs).double().numpy()
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -339,12 +354,12 @@ def test_kept_indices_equal_the_rule_computed_directly(method):
     sequence the engine built, which test_in_llm checks against eager attention)."""
     model = tiny_model("llava")
     inputs = tiny.batch("llava", ONE_IMAGE)
-    pruner = mmprune.get(method, keep=4 if method in PRE_LLM else keep_for(method))
+    pruner = mmprune.get(method, keep=4 if method in PRE_LLM + HYBRID else keep_for(method))
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
     image = pruner.stats["samples"][0]["images"][0]
-    if method in PRE_LLM:
-        assert image["kept"] == RULES[method](model, inputs, 4)
+    if method in PRE_LLM + HYBRID:  # hybrids: the pre-LLM stage (their in-LLM stages: test_in_llm)
+        assert image["kept"] == RULES[method](model, inputs, image["after"])
         return
     kept, layer = image["stages"][0]["kept"], pruner.stats["stage_layers"][0]
     k = int(pruner._strengths[0] * 16) if method == "feather" else len(kept)

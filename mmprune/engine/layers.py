@@ -275,7 +275,9 @@ class LayerRunner:
     def _stage(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         stage = self.stage_layers.index(index)
         wanted = [counts[stage] for counts in self.counts]
-        if all(k == track.count for k, track in zip(wanted, self.tracks)):
+        # a schedule that keeps every token is the identity, unless the method decides counts itself (then the
+        # schedule's count is only an upper bound)
+        if not self.pruner.variable_counts and all(k == track.count for k, track in zip(wanted, self.tracks)):
             selections = [Selection.identity(track.count, device=hidden.device) for track in self.tracks]
             elapsed = 0.0
         else:

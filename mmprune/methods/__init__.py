@@ -2,6 +2,7 @@
 
 from mmprune.methods.base import (
     POSITION_POLICIES,
+    HybridPruner,
     InLLMPruner,
     MultiStagePruner,
     PreLLMPruner,
@@ -16,6 +17,7 @@ from mmprune.methods.feather import FeatherPruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
+from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visionzip import VisionZipPruner
 
@@ -26,6 +28,7 @@ __all__ = [
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",
+    "HybridPruner",
     "InLLMPruner",
     "MultiStagePruner",
     "PoolPruner",
@@ -34,6 +37,7 @@ __all__ = [
     "Pruner",
     "RandomPruner",
     "SingleStagePruner",
+    "ToDREPruner",
     "UniformPruner",
     "VisionZipPruner",
 ]

@@ -80,7 +80,7 @@ class PreLLMPruner(Pruner):
     stage: ClassVar[str] = "pre-llm"
 
     def prune_image(self, tokens: VisualTokens) -> Selection:
-        k = self.budget(tokens.num_tokens)
+        k = self.pre_llm_budget(tokens.num_tokens)
         if k == tokens.num_tokens:
             # Keeping every token is the identity for every method (merging methods included), so the model's
             # output is exactly the unpruned one.
@@ -92,6 +92,10 @@ class PreLLMPruner(Pruner):
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def pre_llm_budget(self, num_tokens: int) -> int:
+        """Tokens of an image of ``num_tokens`` that enter the LLM (``keep``; hybrids derive it from their schedule)."""
+        return self.budget(num_tokens)
 
 
 def scale_layers(layers: list[int] | tuple[int, ...], num_layers: int, reference_depth: float = 32) -> list[int]:
@@ -282,3 +286,11 @@ class MultiStagePruner(InLLMPruner):
 
     def describe_schedule(self) -> dict:
         return dict(getattr(self, "_schedule", {"keep": self.keep}))
+
+
+@dataclass
+class HybridPruner(PreLLMPruner, InLLMPruner):
+    """A method with a pre-LLM stage (:meth:`select` per image, :meth:`pre_llm_budget` tokens) and in-LLM stages
+    (:meth:`plan` over the tokens that entered the LLM)."""
+
+    stage: ClassVar[str] = "pre+in-llm"

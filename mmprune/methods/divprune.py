@@ -39,12 +39,15 @@ class DivPrunePruner(PreLLMPruner):
         return Selection.of(max_min_diverse(tokens.embeds, k))
 
 
-def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+def max_min_diverse(features: torch.Tensor, k: int, first: int | None = None) -> torch.Tensor:
+    """Greedy max-min selection under cosine distance, in pick order; ``first`` defaults to DivPrune's choice,
+    the token whose nearest other token is farthest."""
     x = F.normalize(features.float(), dim=-1)
     distance = 1.0 - x @ x.T
     n = distance.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=distance.device)
-    first = int(torch.argmax(distance.masked_fill(eye, float("inf")).min(dim=1).values))
+    if first is None:
+        eye = torch.eye(n, dtype=torch.bool, device=distance.device)
+        first = int(torch.argmax(distance.masked_fill(eye, float("inf")).min(dim=1).values))
     chosen = torch.zeros(n, dtype=torch.bool, device=distance.device)
     order = [first]
     chosen[first] = True
