@@ -14,6 +14,7 @@ from mmprune.methods import (
     RandomPruner,
     ToDREPruner,
     UniformPruner,
+    VisionDropPruner,
     VisionZipPruner,
 )
 
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Pruner]] = {
         FeatherPruner,
         DARTPruner,
         ToDREPruner,
+        VisionDropPruner,
     )
 }
 

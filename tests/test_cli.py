@@ -52,7 +52,8 @@ def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
     elif mmprune.METHODS[method].stage == "pre-llm":
         assert result["tokens_per_layer"] == [4] * 4 and result["equivalent_tokens"] == 4.0
     elif mmprune.METHODS[method].stage == "pre+in-llm":
-        assert result["tokens_per_layer"][0] == 4  # the pre-LLM budget; its in-LLM stages remove more
+        # the pre-LLM budget the method derives from keep; its in-LLM stages remove more
+        assert result["tokens_per_layer"][0] == mmprune.get(method, keep=keep).pre_llm_budget(16)
     else:
         assert result["tokens_per_layer"][-1] == 4 and result["tokens_per_layer"][0] == 16
     assert isinstance(result["answer"], str)

@@ -26,6 +26,7 @@ IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage
 ONE_IMAGE = [[3, ("img", 0), 4]]
 MIXED = [[3, ("img", 0), 4], [6, ("img", 1), 2, ("img", 2), 1], [1, ("img", 3), 9]]
 STEPS = 4
+IMAGE_ONLY = {"visiondrop"}  # methods whose choices depend on the image alone (not on the text or last token)
 
 
 @dataclass
@@ -65,6 +66,14 @@ def replay_of(pruner, stats) -> Replay:
                   kept=[[stage["kept"]] for stage in image["stages"]], positions=stats["positions"])
 
 
+def truncated_plan(plan, stages):
+    def first_stages(images, num_layers):
+        layers, counts = plan(images, num_layers)
+        return layers[:stages], [image_counts[:stages] for image_counts in counts]
+
+    return first_stages
+
+
 def with_tokens(inputs, tokens):
     full = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
     if "mm_token_type_ids" in full:
@@ -83,7 +92,8 @@ def test_decoding_on_the_pruned_cache_equals_an_uncached_replay(family, method):
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     assert pruner.stats["stage_layers"], "an in-LLM method must prune at some layer"
-    replay = replay_of(pruner, pruner.stats)
+    # merging methods cannot be replayed by indices; those whose choice reads only the image are simply rerun
+    replay = mmprune.get(method, keep=keep_for(method)) if method in IMAGE_ONLY else replay_of(pruner, pruner.stats)
     with replay.attach(model), torch.no_grad():
         logits = model(**with_tokens(inputs, out.sequences), use_cache=False).logits
     assert final(replay.stats) == final(pruner.stats)
@@ -157,8 +167,12 @@ def test_recomputed_attention_rows_equal_eager_attention(family, method, monkeyp
         if not rope:
             continue
         # the sequence the method scored: the earlier stages' kept sets replayed on the eager model
-        earlier = Replay(pre=[image["kept"]], layers=stats["stage_layers"][:stage],
-                         kept=[[st["kept"]] for st in image["stages"][:stage]], positions=stats["positions"])
+        if method in IMAGE_ONLY:  # merging: rerun the method itself, stopped before this stage
+            earlier = copy.deepcopy(pruner)
+            earlier.plan = truncated_plan(pruner.plan, stage)
+        else:
+            earlier = Replay(pre=[image["kept"]], layers=stats["stage_layers"][:stage],
+                             kept=[[st["kept"]] for st in image["stages"][:stage]], positions=stats["positions"])
         weights = {}
 
         def keep_weights(module, args, output):

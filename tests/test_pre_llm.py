@@ -249,14 +249,20 @@ def rule_fastervlm(model, inputs, k):
     return sorted(attn[0, :, 0, 1:].mean(0).topk(k).indices.tolist())
 
 
-def rule_visionzip(model, inputs, k):
+def rule_visionzip(model, inputs, k, contextual=None):
     attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
-    contextual = round(k * 10 / 64)
+    contextual = round(k * 10 / 64) if contextual is None else contextual
     dominant = attn[0, :, 0, 1:].sum(0).topk(k - contextual - 1).indices.tolist()
     rest = [i for i in range(16) if i not in dominant]
     step = max(1, len(rest) // contextual)
     targets = [rest[j] for j in range(0, len(rest), step)][:contextual]
     return sorted(set(dominant) | set(targets))
+
+
+def rule_visiondrop(model, inputs, k):
+    """The pre-LLM stage: VisionZip with the reference's 42:6 dominant:contextual split at the scaled count."""
+    contextual = round(k * 6 / 48)
+    return rule_visionzip(model, inputs, k, contextual)
 
 
 def rule_fastv(model, inputs, k, layer):

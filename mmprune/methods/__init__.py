@@ -19,6 +19,7 @@ from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
 from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.uniform import UniformPruner
+from mmprune.methods.visiondrop import VisionDropPruner
 from mmprune.methods.visionzip import VisionZipPruner
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "SingleStagePruner",
     "ToDREPruner",
     "UniformPruner",
+    "VisionDropPruner",
     "VisionZipPruner",
 ]
