@@ -12,6 +12,7 @@ from mmprune.methods import (
     PyramidDropPruner,
     Pruner,
     RandomPruner,
+    SparseVLMPruner,
     ToDREPruner,
     UniformPruner,
     VisionDropPruner,
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Pruner]] = {
         DARTPruner,
         ToDREPruner,
         VisionDropPruner,
+        SparseVLMPruner,
     )
 }
 

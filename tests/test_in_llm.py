@@ -26,52 +26,6 @@ IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage
 ONE_IMAGE = [[3, ("img", 0), 4]]
 MIXED = [[3, ("img", 0), 4], [6, ("img", 1), 2, ("img", 2), 1], [1, ("img", 3), 9]]
 STEPS = 4
-IMAGE_ONLY = {"visiondrop"}  # methods whose choices depend on the image alone (not on the text or last token)
-
-
-@dataclass
-class Replay(HybridPruner):
-    """Keeps given original token indices before the LLM and at given layers (a test device: re-applies a run's
-    kept sets to a longer sequence)."""
-
-    keep: int | float = 1.0
-    pre: list[list[int]] = field(default_factory=list)  # [image] kept before the LLM
-    layers: list[int] = field(default_factory=list)
-    kept: list[list[list[int]]] = field(default_factory=list)  # [stage][image]
-    positions: str | None = None
-
-    name: ClassVar[str] = "replay"
-    summary: ClassVar[str] = "replay"
-
-    def pre_llm_budget(self, num_tokens):
-        return len(self.pre[0]) if self.pre else num_tokens
-
-    def select(self, tokens, k):
-        return Selection.of(torch.tensor(self.pre[tokens.sample], device=tokens.embeds.device))
-
-    def plan(self, images, num_layers):
-        return self.layers, [[len(stage[image]) for stage in self.kept] for image in range(len(images))]
-
-    def choose(self, ctx, stage, counts):
-        out = []
-        for image, track in enumerate(ctx.tracks):
-            wanted = torch.tensor(self.kept[stage][image], device=track.original.device)
-            out.append(Selection.of(torch.isin(track.original, wanted).nonzero().squeeze(1)))
-        return out
-
-
-def replay_of(pruner, stats) -> Replay:
-    image = stats["samples"][0]["images"][0]
-    return Replay(pre=[image["kept"]], layers=stats["stage_layers"],
-                  kept=[[stage["kept"]] for stage in image["stages"]], positions=stats["positions"])
-
-
-def truncated_plan(plan, stages):
-    def first_stages(images, num_layers):
-        layers, counts = plan(images, num_layers)
-        return layers[:stages], [image_counts[:stages] for image_counts in counts]
-
-    return first_stages
 
 
 def with_tokens(inputs, tokens):
@@ -81,19 +35,69 @@ def with_tokens(inputs, tokens):
     return full
 
 
+@dataclass
+class Recorded(HybridPruner):
+    """Returns the very selections (slots and embeddings) a method made in an earlier forward: replays merging
+    methods exactly (the prompt's hidden states do not depend on tokens appended after it)."""
+
+    keep: int | float = 1.0
+    pre: list = field(default_factory=list)  # Selection per image
+    layers: list[int] = field(default_factory=list)
+    counts: list[list[int]] = field(default_factory=list)
+    stages: list = field(default_factory=list)  # [stage] -> list of Selection per image
+    positions: str | None = None
+
+    name: ClassVar[str] = "recorded"
+    summary: ClassVar[str] = "recorded"
+
+    def prune_image(self, tokens):
+        return self.pre[tokens.sample] if self.pre else Selection.identity(tokens.num_tokens)
+
+    def plan(self, images, num_layers):
+        return self.layers, self.counts
+
+    def choose(self, ctx, stage, counts):
+        return self.stages[stage]
+
+
+def record(pruner, model, run):
+    """Run ``run()`` with ``pruner`` attached, recording its selections; returns a :class:`Recorded` replay."""
+    pre, stages, plans = [], [], []
+    prune_image = getattr(pruner, "prune_image", None)
+    choose, plan = pruner.choose, pruner.plan
+
+    def record_pre(tokens):
+        pre.append(prune_image(tokens))
+        return pre[-1]
+
+    def record_plan(images, num_layers):
+        plans.append(plan(images, num_layers))
+        return plans[-1]
+
+    def record_stage(ctx, stage, counts):
+        stages.append(choose(ctx, stage, counts))
+        return stages[-1]
+
+    if prune_image is not None:
+        pruner.prune_image = record_pre
+    pruner.plan, pruner.choose = record_plan, record_stage
+    with pruner.attach(model), torch.no_grad():
+        out = run()
+    layers, counts = plans[0]
+    return out, Recorded(pre=pre if prune_image is not None else [], layers=layers, counts=counts,
+                         stages=stages, positions=pruner.stats["positions"])
+
+
 @pytest.mark.parametrize("method", IN_LLM)
 def test_decoding_on_the_pruned_cache_equals_an_uncached_replay(family, method):
-    """Tokens and logits of each decode step equal one uncached pass over prompt + generated tokens that removes
-    the same tokens at the same layers: positions, masks and the per-layer cache agree."""
+    """Tokens and logits of each decode step equal one uncached pass over prompt + generated tokens that applies
+    the same selections at the same layers: positions, masks and the per-layer cache agree."""
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
     pruner = mmprune.get(method, keep=keep_for(method))
-    with pruner.attach(model), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+    out, replay = record(pruner, model, lambda: model.generate(
+        **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True))
     assert pruner.stats["stage_layers"], "an in-LLM method must prune at some layer"
-    # merging methods cannot be replayed by indices; those whose choice reads only the image are simply rerun
-    replay = mmprune.get(method, keep=keep_for(method)) if method in IMAGE_ONLY else replay_of(pruner, pruner.stats)
     with replay.attach(model), torch.no_grad():
         logits = model(**with_tokens(inputs, out.sequences), use_cache=False).logits
     assert final(replay.stats) == final(pruner.stats)
@@ -153,26 +157,19 @@ def test_recomputed_attention_rows_equal_eager_attention(family, method, monkeyp
 
     monkeypatch.setattr(StageContext, "attention", spy)
     pruner = mmprune.get(method, keep=keep_for(method))
-    with pruner.attach(model), torch.no_grad():
-        model(**inputs)
+    _, recorded = record(pruner, model, lambda: model(**inputs))
     sdpa_calls = list(calls)
     if not any(rope for _, _, _, rope, _ in sdpa_calls):
         pytest.skip(f"{method} computes no RoPE attention rows")
 
     eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
-    stats = pruner.stats
-    image = stats["samples"][0]["images"][0]
     for stage, layer, queries, rope, probs in sdpa_calls:
         if not rope:
             continue
-        # the sequence the method scored: the earlier stages' kept sets replayed on the eager model
-        if method in IMAGE_ONLY:  # merging: rerun the method itself, stopped before this stage
-            earlier = copy.deepcopy(pruner)
-            earlier.plan = truncated_plan(pruner.plan, stage)
-        else:
-            earlier = Replay(pre=[image["kept"]], layers=stats["stage_layers"][:stage],
-                             kept=[[st["kept"]] for st in image["stages"][:stage]], positions=stats["positions"])
+        # the sequence the method scored: the earlier stages' selections replayed on the eager model
+        earlier = copy.copy(recorded)
+        earlier.layers, earlier.counts = recorded.layers[:stage], [c[:stage] for c in recorded.counts]
         weights = {}
 
         def keep_weights(module, args, output):
@@ -256,3 +253,33 @@ def test_todre_adaptive_drops_an_image_once_the_last_token_stops_reading_it():
             model(**inputs)
         assert pruner.stats["stage_layers"] == [2, 3]
         assert pruner.stats["samples"][0]["tokens_per_layer"] == expected
+
+
+def test_sparsevlm_recycles_pruned_tokens_as_cluster_means():
+    from mmprune.methods.sparsevlm import dpc_knn, recycled
+
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", ONE_IMAGE)
+    seen = []
+    original = StageContext.__init__
+
+    def spy(ctx, runner, layer, hidden, stage):
+        original(ctx, runner, layer, hidden, stage)
+        seen.append(hidden.clone())
+
+    pruner = mmprune.get("sparsevlm", keep=0.5)
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(StageContext, "__init__", spy)
+        with pruner.attach(model):
+            model(**inputs)
+    image = pruner.stats["samples"][0]["images"][0]
+    kept = pruner._kept[0][0]
+    pruned = 16 - kept
+    count, clusters = recycled(pruned)
+    assert len(image["stages"][0]["kept"]) == kept + clusters
+    assert pruner.stats["samples"][0]["tokens_per_layer"][1] == kept + clusters
+    # the merged tokens are plain means of DPC-kNN clusters of the recycled tokens' hidden states
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    assign = dpc_knn(x, 3)
+    assert sorted(assign.unique().tolist()) == [0, 1, 2]
+    assert count == int(0.3 * pruned) + 1 and clusters == int(count / 10) + 1

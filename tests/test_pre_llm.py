@@ -275,6 +275,20 @@ def rule_pyramiddrop(model, inputs, k, layer):
     return sorted(row.mean(0)[_visual_columns(inputs)].topk(k).indices.tolist())
 
 
+def rule_sparsevlm(model, inputs, k, layer):
+    """Raters: text tokens after the image whose mean softmax-over-text of V T^T (LLM input) is above the mean;
+    score: their head-mean attention at layer K-1 (the unpruned prompt), averaged over raters."""
+    with torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+    visual = _visual_columns(inputs)
+    text = torch.arange(int(visual[-1]) + 1, embeds.shape[0])
+    m = (embeds[visual] @ embeds[text].T).softmax(-1).mean(0)
+    raters = text[m > m.mean()]
+    attn = _eager_llm_attentions(model, inputs)[layer - 1][0]  # (heads, L, L)
+    scores = attn[:, raters][:, :, visual].mean(0).mean(0)
+    return sorted(scores.topk(k).indices.tolist())
+
+
 def rule_feather(model, inputs, k, layer):
     """Top-k of the last token's RoPE-free query against the image keys (softmax over them) at layer K-1, united
     with the stride-3 grid (of a 4x4 grid: 0, 3, 12, 15)."""
@@ -347,6 +361,7 @@ def rule_divprune(model, inputs, k):
     return sorted(chosen)
 
 
+RULE_PARAMS = {"sparsevlm": {"recycle": False}}  # recycling has its own test (test_in_llm.py)
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}
 
 
@@ -360,7 +375,8 @@ def test_kept_indices_equal_the_rule_computed_directly(method):
     sequence the engine built, which test_in_llm checks against eager attention)."""
     model = tiny_model("llava")
     inputs = tiny.batch("llava", ONE_IMAGE)
-    pruner = mmprune.get(method, keep=4 if method in PRE_LLM + HYBRID else keep_for(method))
+    pruner = mmprune.get(method, keep=4 if method in PRE_LLM + HYBRID else keep_for(method),
+                         **RULE_PARAMS.get(method, {}))
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
     image = pruner.stats["samples"][0]["images"][0]

@@ -97,6 +97,11 @@ class StageContext:
         """The language model (``.layers``, ``.norm``, ``.rotary_emb``)."""
         return self.runner.language_model
 
+    @property
+    def scratch(self) -> dict:
+        """A dict a method may use to carry values between the stages of one prefill (cleared at each prefill)."""
+        return self.runner.scratch
+
     def layer_input(self, layer: int) -> torch.Tensor:
         """Hidden states that entered decoder ``layer`` in this prefill (the method declared it in ``watch``)."""
         if layer == self.layer:
@@ -157,6 +162,15 @@ class StageContext:
         if groups > 1 and repeat:
             k = k.repeat_interleave(groups, dim=1)
         return q, k
+
+    @torch.no_grad()
+    def sample_attention(self, layer: int, sample: int, queries: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """``(H, q, L)``: :meth:`attention` for one sample's query rows ``queries`` ``(q,)``."""
+        batch = self.mask.shape[0]
+        rows = torch.zeros(batch, queries.numel(), dtype=torch.long, device=queries.device)
+        rows[sample] = queries
+        # other samples get row 0 as a placeholder; their rows are computed and discarded
+        return self.attention(layer, rows, rope)[sample]
 
     @torch.no_grad()
     def attention(self, layer: int, queries: torch.Tensor, rope: bool = True) -> torch.Tensor:
@@ -248,6 +262,7 @@ class LayerRunner:
         self.tracks = tracks
         self.counts = counts  # [image][stage] tokens left after each stage
         self.records = {}
+        self.scratch: dict = {}  # what a method keeps between the stages of one prefill
         self.replacement = None
         self.layouts = []
         self.record = PrefillRecord()

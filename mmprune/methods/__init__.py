@@ -17,6 +17,7 @@ from mmprune.methods.feather import FeatherPruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
+from mmprune.methods.sparsevlm import SparseVLMPruner
 from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visiondrop import VisionDropPruner
@@ -38,6 +39,7 @@ __all__ = [
     "Pruner",
     "RandomPruner",
     "SingleStagePruner",
+    "SparseVLMPruner",
     "ToDREPruner",
     "UniformPruner",
     "VisionDropPruner",

@@ -42,6 +42,7 @@ class Pruner:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    keep_means: ClassVar[str] = "visual tokens kept per image"  # what `keep` counts, for docs, CLI and sweeps
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -224,6 +225,7 @@ class MultiStagePruner(InLLMPruner):
 
     layers: list[int] | None = None
 
+    keep_means: ClassVar[str] = "equivalent average visual tokens per layer"
     paper_layers: ClassVar[tuple[int, ...]] = ()
     paper_depth: ClassVar[int] = 32
     strength_field: ClassVar[str] = ""

@@ -40,6 +40,7 @@ class ToDREPruner(HybridPruner):
 
     name: ClassVar[str] = "todre"
     summary: ClassVar[str] = "k-center diverse subset pre-LLM, then all visual tokens dropped mid-LLM (ToDRE)"
+    keep_means: ClassVar[str] = "visual tokens entering the LLM (all leave at the drop layer)"
     default_positions: ClassVar[str | None] = "original"
     variable_counts: ClassVar[bool] = True
 

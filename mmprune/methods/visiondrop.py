@@ -47,6 +47,7 @@ class VisionDropPruner(HybridPruner):
 
     name: ClassVar[str] = "visiondrop"
     summary: ClassVar[str] = "VisionZip pre-LLM, then visual-visual attention + merging at 3 LLM stages (VisionDrop)"
+    keep_means: ClassVar[str] = "equivalent average visual tokens per layer"
     default_positions: ClassVar[str | None] = "renumber"
 
     def _counts(self, num_tokens: int) -> list[tuple[int, int]]:
