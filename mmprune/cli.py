@@ -35,9 +35,10 @@ def parse_keep(text: str) -> int | float:
 def cmd_methods(args: argparse.Namespace) -> None:
     rows = [(name, cls.stage, cls.summary) for name, cls in sorted(mmprune.METHODS.items())]
     width = max(len(r[0]) for r in rows)
-    print(f"{'method':<{width}}  {'stage':<8}  description")
+    stage_width = max(len(r[1]) for r in rows)
+    print(f"{'method':<{width}}  {'stage':<{stage_width}}  description")
     for name, stage, summary in rows:
-        print(f"{name:<{width}}  {stage:<8}  {summary}")
+        print(f"{name:<{width}}  {stage:<{stage_width}}  {summary}")
 
 
 def load(model_id: str):

@@ -132,7 +132,7 @@ class StageContext:
 
     def _rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == self.layer:
-            return self.runner.position_embeddings_at(layer, self.hidden)
+            return self.runner.current_rope()
         return self.runner.records[layer][1]
 
     def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True, repeat: bool = True):
@@ -255,7 +255,6 @@ class LayerRunner:
         self.cache = cache
         self.mask = (mask.bool() if mask is not None
                      else torch.ones(batch, length, dtype=torch.bool, device=device))
-        self.mask_dtype = mask.dtype if mask is not None else torch.long
         # explicit positions (what the model would compute itself when given none: 0..L-1 on an empty cache)
         self.position_ids = (position_ids if position_ids is not None
                              else torch.arange(length, device=device).expand(batch, -1))
@@ -268,7 +267,8 @@ class LayerRunner:
         self.record = PrefillRecord()
         return self.record
 
-    def position_embeddings_at(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def current_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the current sequence: ours after a stage, else what the model gave this layer."""
         if self.replacement is not None:
             return self.replacement["position_embeddings"]
         return self._given_rope
