@@ -1,0 +1,115 @@
+"""An analytical FLOPs model of a VLM's prefill and decode steps, with the actual per-layer token counts.
+
+Convention: **FLOPs = 2 x multiply-accumulates** of the matrix products (a ``(n, a) @ (a, b)`` product costs
+``2 n a b``); softmax, norms, activations, RoPE and residual additions are not counted (they are O(n d), not
+O(n d^2)). Per decoder layer with ``n`` query tokens attending to ``c`` keys (``c = n`` at prefill, counted as the
+full ``n x n`` square as FastV and PyramidDrop do; the cache length at decode):
+
+* projections: ``2 n d (d + 2 d_kv + d)`` (Q, K, V with GQA ``d_kv = kv_heads * head_dim``, O);
+* attention: ``2 n c d`` (``Q K^T``) + ``2 n c d`` (``A V``);
+* FFN: ``2 n d m x 3`` for SwiGLU (gate, up, down; LLaMA, Qwen2), ``x 2`` for a plain MLP (CLIP).
+
+The vision tower is counted the same way (CLIP: ``1 + patches`` tokens per crop, a plain GELU MLP, the patch
+embedding as a ``(patches, 3 p^2) @ (3 p^2, d)`` product), plus the projector, plus the LM head on the tokens whose
+logits are computed (the last one at prefill under ``generate``). Qwen2.5-VL's windowed vision attention is counted
+as full attention (an upper bound for the tower; the tower is the same for every method).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes the FLOPs model reads from a model config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    ffn_matrices: int = 3  # SwiGLU
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    vision_layers: int = 0  # layers that run (up to the feature layer's output, as the model computes them all)
+    vision_tokens: int = 0  # tokens per crop inside the tower (CLS included)
+    patch_dim: int = 0  # 3 * patch^2 (* temporal patch for Qwen)
+    projector: tuple[tuple[int, int], ...] = ()  # (in, out) of each projector matmul, per visual token
+
+    @classmethod
+    def from_config(cls, config) -> "Geometry":
+        text = config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        vision = config.vision_config
+        common = dict(hidden=text.hidden_size, intermediate=text.intermediate_size,
+                      layers=text.num_hidden_layers, heads=text.num_attention_heads,
+                      kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                      head_dim=head_dim, vocab=text.vocab_size)
+        if hasattr(vision, "image_size") and hasattr(vision, "num_hidden_layers"):  # CLIP (LLaVA, LLaVA-NeXT)
+            patches = (vision.image_size // vision.patch_size) ** 2
+            return cls(**common, vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
+                       vision_layers=vision.num_hidden_layers, vision_tokens=patches + 1,
+                       patch_dim=3 * vision.patch_size**2,
+                       projector=((vision.hidden_size, text.hidden_size), (text.hidden_size, text.hidden_size)))
+        # Qwen2-VL / Qwen2.5-VL: tokens per image vary; vision_tokens is set per call (see prefill_flops)
+        hidden = getattr(vision, "hidden_size", None) or vision.embed_dim
+        embed = getattr(vision, "embed_dim", hidden)
+        mlp = getattr(vision, "intermediate_size", None) or int(embed * getattr(vision, "mlp_ratio", 4))
+        merge = vision.spatial_merge_size**2
+        return cls(**common, vision_hidden=embed, vision_intermediate=mlp, vision_layers=vision.depth,
+                   patch_dim=vision.in_chans * vision.temporal_patch_size * vision.patch_size**2,
+                   projector=((embed * merge, embed * merge), (embed * merge, getattr(vision, "out_hidden_size",
+                                                                                     text.hidden_size))))
+
+
+def layer_flops(n: int, context: int, hidden: int, kv_dim: int, intermediate: int, ffn_matrices: int) -> int:
+    """One transformer layer: ``n`` query tokens, ``context`` keys (see the module docstring)."""
+    projections = 2 * n * hidden * (2 * hidden + 2 * kv_dim)
+    attention = 4 * n * context * hidden
+    ffn = 2 * n * hidden * intermediate * ffn_matrices
+    return projections + attention + ffn
+
+
+def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, visual_tokens: int = 0) -> int:
+    """The vision tower over ``crops`` crops of ``tokens_per_crop`` tokens, and the projector over
+    ``visual_tokens`` output tokens (pre-LLM pruning does not change it: the encoder runs on every patch)."""
+    n = tokens_per_crop if tokens_per_crop is not None else g.vision_tokens
+    patches = n - 1 if g.vision_tokens else n
+    per_crop = 2 * patches * g.patch_dim * g.vision_hidden + g.vision_layers * layer_flops(
+        n, n, g.vision_hidden, g.vision_hidden, g.vision_intermediate, 2)
+    projector = sum(2 * visual_tokens * a * b for a, b in g.projector)
+    return crops * per_crop + projector
+
+
+def llm_prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], logits: int = 1) -> int:
+    """The decoder at prefill: layer ``l`` runs on ``text_tokens + visual_per_layer[l]`` tokens; LM head on
+    ``logits`` tokens."""
+    if len(visual_per_layer) != g.layers:
+        raise ValueError(f"visual_per_layer has {len(visual_per_layer)} entries for {g.layers} layers")
+    kv_dim = g.kv_heads * g.head_dim
+    total = sum(layer_flops(text_tokens + v, text_tokens + v, g.hidden, kv_dim, g.intermediate, g.ffn_matrices)
+                for v in visual_per_layer)
+    return total + 2 * logits * g.hidden * g.vocab
+
+
+def decode_flops(g: Geometry, cache_per_layer: list[int], steps: int) -> int:
+    """``steps`` greedy decode steps of one token after a prefill that left ``cache_per_layer`` keys per layer."""
+    kv_dim = g.kv_heads * g.head_dim
+    total = 0
+    for step in range(steps):
+        total += sum(layer_flops(1, c + step + 1, g.hidden, kv_dim, g.intermediate, g.ffn_matrices)
+                     for c in cache_per_layer)
+        total += 2 * g.hidden * g.vocab
+    return total
+
+
+def prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], crops: int,
+                  visual_before: int, tokens_per_crop: int | None = None) -> dict[str, int]:
+    """FLOPs of one sample's prefill, split: ``vision`` (tower + projector over the ``visual_before`` tokens it
+    produces), ``llm`` and ``total``."""
+    vision = vision_flops(g, crops, tokens_per_crop, visual_before)
+    llm = llm_prefill_flops(g, text_tokens, visual_per_layer)
+    return {"vision": vision, "llm": llm, "total": vision + llm}

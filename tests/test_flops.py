@@ -1,0 +1,56 @@
+"""The FLOPs model against values computed by hand for the tiny LLaVA config (tests/tiny.py)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_model
+
+from mmprune.bench.flops import Geometry, decode_flops, llm_prefill_flops, prefill_flops
+
+# tiny LLaVA: LLM d=32, m=64 (SwiGLU), 4 layers, 4 heads, 2 KV heads of 8 (d_kv = 16), vocab 96;
+# CLIP d=32, m=64, 3 layers, 32 px / patch 8 -> 16 patches + [CLS] = 17 tokens, patch dim 3*8*8 = 192;
+# projector 32->32->32.
+
+
+def llm_layer(n):  # by hand: Q,O 2*n*32*32 each; K,V 2*n*32*16 each; QK^T and AV 2*n*n*32 each; FFN 3 x 2*n*32*64
+    return 2 * n * 32 * 32 * 2 + 2 * n * 32 * 16 * 2 + 2 * n * n * 32 * 2 + 2 * n * 32 * 64 * 3
+
+
+LM_HEAD = 2 * 32 * 96
+
+
+def test_geometry_from_the_tiny_llava_config():
+    g = Geometry.from_config(tiny_model("llava").config)
+    assert (g.hidden, g.intermediate, g.layers, g.heads, g.kv_heads, g.head_dim, g.vocab) == (32, 64, 4, 4, 2, 8, 96)
+    assert (g.vision_hidden, g.vision_intermediate, g.vision_layers, g.vision_tokens, g.patch_dim) == (
+        32, 64, 3, 17, 192)
+
+
+def test_pre_llm_prefill_by_hand():
+    g = Geometry.from_config(tiny_model("llava").config)
+    # 7 text tokens; unpruned 16 visual tokens in every layer, pre-LLM pruning to 4
+    assert llm_prefill_flops(g, 7, [16] * 4) == 4 * llm_layer(23) + LM_HEAD == 4 * 491648 + 6144
+    assert llm_prefill_flops(g, 7, [4] * 4) == 4 * llm_layer(11) + LM_HEAD
+    clip_layer = 2 * 17 * 32 * 32 * 4 + 2 * 17 * 17 * 32 * 2 + 2 * 17 * 32 * 64 * 2
+    vision = 2 * 16 * 192 * 32 + 3 * clip_layer
+    projector = 2 * 16 * 32 * 32 * 2
+    out = prefill_flops(g, 7, [4] * 4, crops=1, visual_before=16)
+    assert out == {"vision": vision + projector, "llm": 4 * llm_layer(11) + LM_HEAD,
+                   "total": vision + projector + 4 * llm_layer(11) + LM_HEAD}
+
+
+def test_multi_stage_prefill_and_decode_by_hand():
+    g = Geometry.from_config(tiny_model("llava").config)
+    # 16 visual tokens before layer 1, 8 in layer 1, 4 in layers 2-3 (a PyramidDrop-like schedule)
+    assert llm_prefill_flops(g, 7, [16, 8, 4, 4]) == llm_layer(23) + llm_layer(15) + 2 * llm_layer(11) + LM_HEAD
+    # one decode step: 1 query token against cache + itself in each layer
+    one = 2 * 32 * 32 * 2 + 2 * 32 * 16 * 2 + 2 * 24 * 32 * 2 + 2 * 32 * 64 * 3  # context 23 + 1
+    short = 2 * 32 * 32 * 2 + 2 * 32 * 16 * 2 + 2 * 12 * 32 * 2 + 2 * 32 * 64 * 3  # context 11 + 1
+    middle = one - 2 * 24 * 32 * 2 + 2 * 16 * 32 * 2  # context 15 + 1
+    assert decode_flops(g, [23, 15, 11, 11], steps=1) == one + middle + 2 * short + LM_HEAD
+
+
+def test_bad_layer_counts():
+    g = Geometry.from_config(tiny_model("llava").config)
+    with pytest.raises(ValueError, match="3 entries for 4 layers"):
+        llm_prefill_flops(g, 7, [16, 16, 16])
