@@ -8,6 +8,7 @@ from mmprune.methods import (
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
+    NonePruner,
     PoolPruner,
     PyramidDropPruner,
     Pruner,
@@ -22,6 +23,7 @@ from mmprune.methods import (
 METHODS: dict[str, type[Pruner]] = {
     cls.name: cls
     for cls in (
+        NonePruner,
         RandomPruner,
         UniformPruner,
         PoolPruner,

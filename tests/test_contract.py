@@ -18,6 +18,11 @@ def test_available_is_sorted_and_get_builds_dataclasses():
     assert names == sorted(names)
     assert {"random", "uniform", "pool", "fastervlm", "visionzip", "divprune"} <= set(names)
     for name in names:
+        if name == "none":
+            assert mmprune.get(name).keep == 1.0
+            with pytest.raises(ValueError, match="none keeps every visual token: keep must be 1.0, got 64"):
+                mmprune.get(name, keep=64)
+            continue
         pruner = mmprune.get(name, keep=64)
         assert dataclasses.is_dataclass(pruner) and pruner.name == name and pruner.keep == 64
         assert type(pruner).__doc__ and pruner.summary and pruner.stage in ("pre-llm", "in-llm", "pre+in-llm")

@@ -14,7 +14,7 @@ import mmprune
 import tiny
 from mmprune.engine.session import final_kept
 
-METHODS = mmprune.available()
+METHODS = [m for m in mmprune.available() if m != "none"]  # methods that prune (none: its own test)
 PRE_LLM = [m for m in METHODS if mmprune.METHODS[m].stage == "pre-llm"]
 HYBRID = [m for m in METHODS if mmprune.METHODS[m].stage == "pre+in-llm"]
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -363,6 +363,19 @@ def rule_divprune(model, inputs, k):
 
 RULE_PARAMS = {"sparsevlm": {"recycle": False}}  # recycling has its own test (test_in_llm.py)
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}
+
+
+def test_none_is_the_unpruned_model(family):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, MIXED)
+    reference = generate(model, inputs)
+    pruner = mmprune.get("none")
+    with pruner.attach(model):
+        assert torch.equal(generate(model, inputs), reference)
+    layers = model.config.text_config.num_hidden_layers
+    for sample, ids in zip(pruner.stats["samples"], ([0], [1, 2], [3])):
+        n = sum(tiny.tokens_per_image(family, i) for i in ids)
+        assert sample["visual_tokens_after"] == n and sample["tokens_per_layer"] == [n] * layers
 
 
 def test_every_method_has_a_reference_rule():

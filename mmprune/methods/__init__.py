@@ -14,6 +14,7 @@ from mmprune.methods.divprune import DivPrunePruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
+from mmprune.methods.none import NonePruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
@@ -33,6 +34,7 @@ __all__ = [
     "HybridPruner",
     "InLLMPruner",
     "MultiStagePruner",
+    "NonePruner",
     "PoolPruner",
     "PyramidDropPruner",
     "PreLLMPruner",
