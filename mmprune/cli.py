@@ -119,6 +119,56 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"{result['visual_tokens_after']} (selection {result['selection_ms']:.1f} ms)")
 
 
+def parse_list(text: str, what: str, convert) -> list:
+    try:
+        values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"{what} {text!r} is not a comma-separated list") from None
+    if not values:
+        raise CliError(f"{what} is empty")
+    return values
+
+
+def load_data(spec: str, seed: int):
+    from mmprune.data import synthetic
+    from mmprune.data.jsonl import load_jsonl
+
+    if spec.startswith("synthetic:"):
+        count = spec.removeprefix("synthetic:")
+        if not count.isdigit() or int(count) < 1:
+            raise CliError(f"--data {spec!r}: expected synthetic:N with N a positive integer")
+        return synthetic.generate(int(count), seed=seed)
+    if spec.endswith(".jsonl"):
+        try:
+            return load_jsonl(spec)
+        except ValueError as exc:
+            raise CliError(f"--data: {exc}") from None
+    raise CliError(f"--data {spec!r}: expected synthetic:N or a .jsonl file")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mmprune.bench.report import write_results
+    from mmprune.bench.sweep import SweepSettings, run_sweep
+
+    methods = mmprune.available() if args.methods == "all" else parse_list(args.methods, "--methods", str)
+    unknown = [m for m in methods if m not in mmprune.METHODS]
+    if unknown:
+        raise CliError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(mmprune.available())}")
+    keeps = [parse_keep(k) for k in parse_list(args.keep, "--keep", str)]
+    samples = load_data(args.data, args.seed)
+    model, processor = load(args.model)
+    settings = SweepSettings(methods=methods, keeps=keeps, batch=args.batch, reps=args.reps,
+                             decode_steps=args.decode_steps, seed=args.seed)
+    rows = run_sweep(model, processor, samples, settings)
+    config = {"model": args.model, "data": args.data, "questions": len(samples), "methods": methods,
+              "keeps": keeps, "seed": args.seed, "batch": args.batch, "reps": args.reps,
+              "timing_samples": settings.timing_samples, "decode_steps": args.decode_steps}
+    paths = write_results(rows, args.out, config)
+    failed = [f"{r['method']}@{r['keep']}" for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} rows ({len(failed)} failed{': ' + ', '.join(failed) if failed else ''}); wrote "
+          + ", ".join(str(p) for p in paths.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprune", description="Visual token pruning for HF vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.set_defaults(func=cmd_run)
+    bench = sub.add_parser("bench", help="accuracy, tokens, FLOPs, latency, KV memory and stability per method x keep")
+    bench.add_argument("--model", default=str(SHIPPED_MODEL), help="model folder or hub id (default: shipped model)")
+    bench.add_argument("--methods", default="all", help="comma-separated method names, or all")
+    bench.add_argument("--keep", default="0.33,0.22,0.11", help="comma-separated budgets (see each method's keep)")
+    bench.add_argument("--data", default="synthetic:200", help="synthetic:N or a .jsonl file (see README)")
+    bench.add_argument("--seed", type=int, default=0, help="picks the synthetic questions and the noise")
+    bench.add_argument("--batch", type=int, default=16)
+    bench.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
+    bench.add_argument("--decode-steps", type=int, default=8, help="new tokens of the end-to-end timing")
+    bench.add_argument("--out", required=True, help="folder for results.json/.csv/.md and the plots")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from mmprune.data.synthetic import is_correct
+from mmprune.data.metrics import score
 from mmprune.engine.session import final_kept
 
 
@@ -37,27 +37,35 @@ def answer(model, processor, images, questions: list[str], pruner=None, max_new_
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         total = time.perf_counter() - start
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    image_token = getattr(model.config, "image_token_id", None)
+    real = inputs["attention_mask"].bool()
+    text_tokens = (real & (inputs["input_ids"] != image_token)).sum(1).tolist()
     return {"answers": [t.strip() for t in texts], "prefill_s": prefill, "total_s": total,
-            "stats": pruner.stats if pruner is not None else None}
+            "stats": pruner.stats if pruner is not None else None, "text_tokens": text_tokens}
 
 
 def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_new_tokens: int = 4,
              timed: bool = False) -> dict:
     """Accuracy overall and per family: {"accuracy", "families": {family: accuracy}, "answers", "prefill_s",
-    "kept": per sample, per image, the kept token indices (empty without a pruner)}."""
-    answers, prefill, kept = [], 0.0, []
+    "kept": per sample, per image, the final kept token indices, "sample_stats": the pruner's per-sample stats
+    (both empty without a pruner), "text_tokens": real non-image tokens per prompt, "selection_ms"}."""
+    answers, prefill, kept, sample_stats, text_tokens, selection_ms = [], 0.0, [], [], [], 0.0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         out = answer(model, processor, [s.image for s in chunk], [s.question for s in chunk], pruner,
                      max_new_tokens, timed)
         answers += out["answers"]
         prefill += out["prefill_s"]
+        text_tokens += out["text_tokens"]
         if out["stats"] is not None:
             kept += final_kept(out["stats"])
+            sample_stats += out["stats"]["samples"]
+            selection_ms += out["stats"]["selection_ms"]
     per_family = defaultdict(list)
     for s, a in zip(samples, answers):
-        per_family[s.family].append(is_correct(a, s.answers))
+        per_family[s.family].append(score(a, s.answers, s.metric))
     correct = [ok for oks in per_family.values() for ok in oks]
     return {"accuracy": sum(correct) / len(correct),
             "families": {f: sum(v) / len(v) for f, v in per_family.items()},
-            "answers": answers, "prefill_s": prefill, "kept": kept}
+            "answers": answers, "prefill_s": prefill, "kept": kept, "sample_stats": sample_stats,
+            "text_tokens": text_tokens, "selection_ms": selection_ms}

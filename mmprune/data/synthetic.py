@@ -87,10 +87,12 @@ class Sample:
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # objects the answer depends on
     index: int = 0
     seed: int = 0
+    metric: str = "exact"  # how answers are scored: see mmprune.data.metrics
 
     def to_json(self) -> dict:
         return {"question": self.question, "answers": self.answers, "family": self.family,
-                "boxes": [list(b) for b in self.boxes], "index": self.index, "seed": self.seed}
+                "boxes": [list(b) for b in self.boxes], "index": self.index, "seed": self.seed,
+                "metric": self.metric}
 
 
 # --- scenes -------------------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # left padding (saved with the tokenizer): generate() reads the last position of every prompt
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    tokenizer.padding_side = "left"
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+                                        padding_side="left")
     return tokenizer
 
 

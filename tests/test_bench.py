@@ -1,0 +1,128 @@
+"""`mmprune bench` on a tiny random LLaVA saved with a real processor: files, columns, stability, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import mmprune
+from mmprune.bench.sweep import SweepSettings, run_sweep, stability
+from mmprune.cli import load, main
+from mmprune.data import synthetic
+from mmprune.methods.base import PreLLMPruner
+from mmprune.registry import METHODS
+from mmprune.zoo.tiny_random import build_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", image_size=32, patch_size=8))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load(model_dir)
+
+
+def test_two_methods_two_budgets_write_every_file(model_dir, tmp_path, capsys):
+    assert main(["bench", "--model", model_dir, "--methods", "fastervlm,fastv", "--keep", "8,4",
+                 "--data", "synthetic:7", "--batch", "4", "--reps", "1", "--decode-steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    names = {"results.json", "results.csv", "results.md", "retention_vs_tokens.png", "speedup_vs_tokens.png",
+             "family_retention.png"}
+    assert names <= {p.name for p in tmp_path.iterdir()}
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", "1.0"), ("random", "8"), ("random", "4"),
+                                                        ("pool", "8"), ("pool", "4"), ("fastervlm", "8"),
+                                                        ("fastervlm", "4"), ("fastv", "8"), ("fastv", "4")]
+    for column in ("accuracy", "retention", "equivalent_tokens", "flops_speedup", "prefill_speedup", "e2e_speedup",
+                   "kv_bytes", "selection_share", "stability", "recall", "accuracy:count"):
+        assert column in rows[0]
+    assert all(r["status"] == "ok" for r in rows)
+    by = {(r["method"], r["keep"]): r for r in rows}
+    # a random-weight model answers nothing right, so retention is 0/0: reported empty (NaN), never invented
+    assert by[("none", "1.0")]["retention"] in ("", "1") and float(by[("none", "1.0")]["flops_speedup"]) == 1.0
+    assert float(by[("fastervlm", "4")]["equivalent_tokens"]) == 4.0
+    assert float(by[("fastervlm", "4")]["flops_speedup"]) > float(by[("fastervlm", "8")]["flops_speedup"]) > 1
+    assert float(by[("fastv", "4")]["kv_bytes"]) < float(by[("none", "1.0")]["kv_bytes"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["questions"] == 7 and len(data["rows"]) == 9
+    assert "| fastervlm | 4 |" in (tmp_path / "results.md").read_text()
+
+
+def test_stability_is_one_for_a_deterministic_method_and_not_for_random_seeds(loaded):
+    model, processor = loaded
+    samples = synthetic.generate(6, seed=0)
+    assert stability(model, processor, samples, mmprune.get("none"), seed=0) == 1.0
+    # noise far below what changes a top-k of distinct scores: the same kept sets
+    assert stability(model, processor, samples, mmprune.get("uniform", keep=4), seed=0) == 1.0
+
+    from mmprune.bench.sweep import _inputs
+    from mmprune.engine.session import final_kept
+
+    inputs = _inputs(processor, samples, model.device)
+    kept = []
+    for seed in (1, 2):
+        pruner = mmprune.get("random", keep=4, seed=seed)
+        with pruner.attach(model), torch.no_grad():
+            model(**inputs)
+        kept.append(final_kept(pruner.stats))
+    overlap = [len(set(a[0]) & set(b[0])) / len(set(a[0]) | set(b[0])) for a, b in zip(*kept)]
+    assert sum(overlap) / len(overlap) < 1.0
+
+
+@dataclass
+class Broken(PreLLMPruner):
+    keep: int | float = 0.5
+    name: ClassVar[str] = "broken"
+    summary: ClassVar[str] = "raises"
+
+    def select(self, tokens, k):
+        raise RuntimeError("this method is broken")
+
+
+def test_a_failing_method_is_a_failed_row_and_the_sweep_goes_on(loaded, monkeypatch):
+    model, processor = loaded
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    rows = run_sweep(model, processor, synthetic.generate(4, seed=0),
+                     SweepSettings(methods=["broken", "uniform"], keeps=[4], batch=4, reps=1, decode_steps=1,
+                                   timing_samples=2, stability_samples=2, progress=False))
+    status = {r["method"]: r["status"] for r in rows}
+    assert status["broken"] == "failed: RuntimeError: this method is broken"
+    assert status["uniform"] == "ok" and status["none"] == "ok"
+
+
+def test_bad_bench_input(model_dir, tmp_path, capsys):
+    for args, message in ((["--methods", "nope"], "--methods: unknown nope"),
+                          (["--data", "synthetic:x"], "expected synthetic:N"),
+                          (["--data", "file.txt"], "expected synthetic:N or a .jsonl file"),
+                          (["--keep", "0"], "keep=0 is out of range")):
+        assert main(["bench", "--model", model_dir, "--out", str(tmp_path), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
+    from mmprune.data.jsonl import load_jsonl
+    from mmprune.data.metrics import score
+
+    samples = load_jsonl("examples/tiny.jsonl")
+    assert [s.metric for s in samples] == ["exact", "vqa", "yes/no", "exact"]
+    assert samples[2].answers == ["no"] and samples[0].boxes == [(27, 64, 45, 82)]
+    assert samples[0].image.size == (96, 96)
+    assert score("0", ["0", "0", "0", "unsure"], "vqa") == 1.0 and score("0", ["0", "1", "1"], "vqa") == 1 / 3
+    assert score("Yes, there is.", ["yes"], "yes/no") == 1.0 and score("maybe", ["no"], "yes/no") == 0.0
+    bad = tmp_path / "bad.jsonl"
+    for line, message in (('{"question": "q", "answers": ["a"]}', "missing image"),
+                          ('{"image": "x.png", "question": "q", "answers": []}', "non-empty list"),
+                          ('{"image": "x.png", "question": "q", "answers": ["a"], "metric": "bleu"}', "not one of"),
+                          ('{"image": "x.png", "question": "q", "answers": ["a"]}', "cannot be read"),
+                          ("not json", "not JSON")):
+        bad.write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_jsonl(bad)
