@@ -155,6 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown:
         raise CliError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(mmprune.available())}")
     keeps = [parse_keep(k) for k in parse_list(args.keep, "--keep", str)]
+    if args.speed:
+        return bench_speed(args, [m for m in methods if m != "none"], keeps)
     samples = load_data(args.data, args.seed)
     model, processor = load(args.model)
     settings = SweepSettings(methods=methods, keeps=keeps, batch=args.batch, reps=args.reps,
@@ -167,6 +169,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     failed = [f"{r['method']}@{r['keep']}" for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} rows ({len(failed)} failed{': ' + ', '.join(failed) if failed else ''}); wrote "
           + ", ".join(str(p) for p in paths.values()))
+
+
+def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> None:
+    import json as json_module
+
+    from mmprune.bench.speed import GEOMETRIES, speed_markdown, speed_sweep
+
+    if args.geometry not in GEOMETRIES:
+        raise CliError(f"--geometry {args.geometry!r}: expected one of {', '.join(GEOMETRIES)}")
+    batches = parse_list(args.batches, "--batches", int)
+    rows = speed_sweep(args.geometry, methods, keeps, batches=batches, reps=args.reps,
+                       decode_steps=args.decode_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json_module.dumps(rows, indent=1) + "\n")
+    (out / "speed.md").write_text(speed_markdown(rows) + "\n")
+    print(speed_markdown(rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
     bench.add_argument("--decode-steps", type=int, default=8, help="new tokens of the end-to-end timing")
     bench.add_argument("--out", required=True, help="folder for results.json/.csv/.md and the plots")
+    bench.add_argument("--speed", action="store_true",
+                       help="time methods on a random-weight model of --geometry instead of answering questions")
+    bench.add_argument("--geometry", default="small", help="with --speed: llava-1.5-7b or small")
+    bench.add_argument("--batches", default="1,16", help="with --speed: comma-separated batch sizes")
     bench.set_defaults(func=cmd_bench)
     return parser
 

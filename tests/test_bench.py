@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -111,7 +112,7 @@ def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
     from mmprune.data.jsonl import load_jsonl
     from mmprune.data.metrics import score
 
-    samples = load_jsonl("examples/tiny.jsonl")
+    samples = load_jsonl(Path(__file__).parent.parent / "examples" / "tiny.jsonl")
     assert [s.metric for s in samples] == ["exact", "vqa", "yes/no", "exact"]
     assert samples[2].answers == ["no"] and samples[0].boxes == [(27, 64, 45, 82)]
     assert samples[0].image.size == (96, 96)
@@ -126,3 +127,18 @@ def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
         bad.write_text(line + "\n")
         with pytest.raises(ValueError, match=message):
             load_jsonl(bad)
+
+
+def test_speed_mode_times_methods_on_a_random_architecture(tmp_path):
+    from mmprune.bench.speed import speed_markdown, speed_sweep
+
+    tiny = dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=16),
+                text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=32064, max_position_embeddings=512))
+    rows = speed_sweep(tiny, ["fastervlm", "fastv"], [4], batches=(1, 2), text=8, reps=1, decode_steps=2,
+                       device="cpu")
+    assert [(r["batch"], r["method"], r["status"]) for r in rows] == [
+        (1, "fastervlm", "ok"), (1, "fastv", "ok"), (2, "fastervlm", "ok"), (2, "fastv", "ok")]
+    assert all(r["flops_speedup"] > 1 and r["prefill_ms"] > 0 for r in rows)
+    assert rows[0]["tokens_per_layer_last"] == 4 and "| fastv | 4 |" in speed_markdown(rows)
