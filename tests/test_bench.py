@@ -38,7 +38,8 @@ def test_two_methods_two_budgets_write_every_file(model_dir, tmp_path, capsys):
     names = {"results.json", "results.csv", "results.md", "retention_vs_tokens.png", "speedup_vs_tokens.png",
              "family_retention.png"}
     assert names <= {p.name for p in tmp_path.iterdir()}
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [(r["method"], r["keep"]) for r in rows] == [("none", "1.0"), ("random", "8"), ("random", "4"),
                                                         ("pool", "8"), ("pool", "4"), ("fastervlm", "8"),
                                                         ("fastervlm", "4"), ("fastv", "8"), ("fastv", "4")]

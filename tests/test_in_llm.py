@@ -13,11 +13,11 @@ from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
+import tiny
 import torch
 from conftest import keep_for, tiny_model
 
 import mmprune
-import tiny
 from mmprune.engine.layers import StageContext
 from mmprune.engine.tokens import Segment, Selection
 from mmprune.methods.base import HybridPruner

@@ -40,7 +40,7 @@ class Geometry:
     projector: tuple[tuple[int, int], ...] = ()  # (in, out) of each projector matmul, per visual token
 
     @classmethod
-    def from_config(cls, config) -> "Geometry":
+    def from_config(cls, config) -> Geometry:
         text = config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         vision = config.vision_config

@@ -10,7 +10,12 @@ unpruned model (interleaved, median) next to the speedup the FLOPs model predict
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 import mmprune
 from mmprune.bench.flops import Geometry, prefill_flops

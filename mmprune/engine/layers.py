@@ -83,7 +83,7 @@ class StageContext:
         stage: index of this stage in the method's schedule.
     """
 
-    def __init__(self, runner: "LayerRunner", layer: int, hidden: torch.Tensor, stage: int) -> None:
+    def __init__(self, runner: LayerRunner, layer: int, hidden: torch.Tensor, stage: int) -> None:
         self.runner = runner
         self.layer = layer
         self.hidden = hidden

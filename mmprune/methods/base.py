@@ -10,8 +10,9 @@ image's :class:`~mmprune.engine.tokens.VisualTokens` and a token count ``k`` to 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -54,7 +55,7 @@ class Pruner:
             )
 
     @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module) -> Iterator["PruningSession"]:
+    def attach(self, model: torch.nn.Module) -> Iterator[PruningSession]:
         """Hook this method into ``model`` (a stock HF VLM); every hook is removed on exit, also on an exception."""
         from mmprune.engine.session import PruningSession
 
