@@ -117,15 +117,17 @@ def collate(rows, pad_id: int):
 
 
 def patch_targets(scenes, grid: int) -> torch.Tensor:
-    """(B, grid*grid, 3) per-patch labels for the auxiliary loss: colour, shape and size index of the object that
-    covers the patch most (0: background)."""
+    """(B, grid*grid, 5) per-patch labels for the auxiliary loss: colour, shape and size index of the object that
+    covers the patch most (0: background), and the patch's row and column."""
     colours, shapes, sizes = list(synthetic.COLOURS), list(synthetic.SHAPES), list(synthetic.SIZES)
-    out = torch.zeros(len(scenes), grid * grid, 3, dtype=torch.long)
+    out = torch.zeros(len(scenes), grid * grid, 5, dtype=torch.long)
+    out[..., 3] = torch.arange(grid * grid) // grid
+    out[..., 4] = torch.arange(grid * grid) % grid
     for b, scene in enumerate(scenes):
         for obj in sorted(scene.objects, key=lambda o: o.box[2] - o.box[0], reverse=True):  # small ones on top
             for i in synthetic.box_patches(obj.box, scene.size, grid):
-                out[b, i] = torch.tensor([1 + colours.index(obj.colour), 1 + shapes.index(obj.shape),
-                                          1 + sizes.index(obj.size)])
+                out[b, i, :3] = torch.tensor([1 + colours.index(obj.colour), 1 + shapes.index(obj.shape),
+                                              1 + sizes.index(obj.size)])
     return out
 
 
@@ -306,11 +308,13 @@ def main(argv: list[str] | None = None) -> None:
             params = others
         aux_heads = None
         if stage_name == "qa" and args.aux_until > state["step"]:
-            # early-training aid: linear heads read each visual token's own object from the LLM input (dropped
-            # after --aux-until steps; the issue warns they make every patch carry its object's identity)
+            # early-training aid: linear heads read each visual token's own object and its place in the grid from
+            # the LLM input (dropped after --aux-until steps: such losses make every patch carry its object's
+            # identity, which flatters random selection; the report measures what remains)
             dim = config.text_config.hidden_size
+            grid = int(image_tokens ** 0.5)
             aux_heads = torch.nn.ModuleList([torch.nn.Linear(dim, n + 1) for n in (
-                len(synthetic.COLOURS), len(synthetic.SHAPES), len(synthetic.SIZES))]).to(device)
+                len(synthetic.COLOURS), len(synthetic.SHAPES), len(synthetic.SIZES), grid - 1, grid - 1)]).to(device)
             optimizer.add_param_group({"params": list(aux_heads.parameters()), "scale": 1.0})
             captured = {}
             aux_hook = model.model.multi_modal_projector.register_forward_hook(
