@@ -130,16 +130,31 @@ def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
             load_jsonl(bad)
 
 
-def test_speed_mode_times_methods_on_a_random_architecture(tmp_path):
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "image_size": 32, "patch_size": 8, "projection_dim": 16}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 512}
+TINY_GEOMETRIES = {
+    "llava": {"family": "llava", "vision": TINY_CLIP, "text": TINY_TEXT},
+    "llava_next": {"family": "llava_next", "vision": TINY_CLIP, "text": TINY_TEXT, "image": 64},
+    "qwen2_5_vl": {"family": "qwen2_5_vl", "image": 32,
+                   "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                              "out_hidden_size": 32, "window_size": 16, "fullatt_block_indexes": [1],
+                              "in_channels": 3},
+                   "text": dict(TINY_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})},
+}
+
+
+@pytest.mark.parametrize("family", list(TINY_GEOMETRIES))
+def test_speed_mode_times_methods_on_a_random_architecture(family):
     from mmprune.bench.speed import speed_markdown, speed_sweep
 
-    tiny = dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=16),
-                text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=32064, max_position_embeddings=512))
-    rows = speed_sweep(tiny, ["fastervlm", "fastv"], [4], batches=(1, 2), text=8, reps=1, decode_steps=2,
-                       device="cpu")
+    rows = speed_sweep(TINY_GEOMETRIES[family], ["fastervlm", "fastv"], [0.25], batches=(1, 2), text=8, reps=1,
+                       decode_steps=2, device="cpu")
     assert [(r["batch"], r["method"], r["status"]) for r in rows] == [
         (1, "fastervlm", "ok"), (1, "fastv", "ok"), (2, "fastervlm", "ok"), (2, "fastv", "ok")]
     assert all(r["flops_speedup"] > 1 and r["prefill_ms"] > 0 for r in rows)
-    assert rows[0]["tokens_per_layer_last"] == 4 and "| fastv | 4 |" in speed_markdown(rows)
+    visual = {"llava": 16, "llava_next": 88, "qwen2_5_vl": 16}[family]
+    assert rows[0]["visual_tokens"] == visual and rows[0]["tokens_per_layer_last"] == round(0.25 * visual)
+    assert "| fastv | 0.25 |" in speed_markdown(rows)

@@ -38,6 +38,7 @@ class Geometry:
     vision_tokens: int = 0  # tokens per crop inside the tower (CLS included)
     patch_dim: int = 0  # 3 * patch^2 (* temporal patch for Qwen)
     projector: tuple[tuple[int, int], ...] = ()  # (in, out) of each projector matmul, per visual token
+    vision_ffn_matrices: int = 2  # plain MLP (CLIP, Qwen2-VL); 3 for Qwen2.5-VL's gated MLP
 
     @classmethod
     def from_config(cls, config) -> Geometry:
@@ -59,8 +60,11 @@ class Geometry:
         embed = getattr(vision, "embed_dim", hidden)
         mlp = getattr(vision, "intermediate_size", None) or int(embed * getattr(vision, "mlp_ratio", 4))
         merge = vision.spatial_merge_size**2
+        gated = hasattr(vision, "fullatt_block_indexes")  # Qwen2.5-VL: SwiGLU blocks
         return cls(**common, vision_hidden=embed, vision_intermediate=mlp, vision_layers=vision.depth,
-                   patch_dim=vision.in_chans * vision.temporal_patch_size * vision.patch_size**2,
+                   vision_ffn_matrices=3 if gated else 2,
+                   patch_dim=(getattr(vision, "in_channels", None) or vision.in_chans) * vision.temporal_patch_size
+                   * vision.patch_size**2,
                    projector=((embed * merge, embed * merge), (embed * merge, getattr(vision, "out_hidden_size",
                                                                                      text.hidden_size))))
 
@@ -79,7 +83,7 @@ def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, vi
     n = tokens_per_crop if tokens_per_crop is not None else g.vision_tokens
     patches = n - 1 if g.vision_tokens else n
     per_crop = 2 * patches * g.patch_dim * g.vision_hidden + g.vision_layers * layer_flops(
-        n, n, g.vision_hidden, g.vision_hidden, g.vision_intermediate, 2)
+        n, n, g.vision_hidden, g.vision_hidden, g.vision_intermediate, g.vision_ffn_matrices)
     projector = sum(2 * visual_tokens * a * b for a, b in g.projector)
     return crops * per_crop + projector
 

@@ -1,9 +1,11 @@
 """``mmprune bench --speed --geometry G``: prefill and end-to-end speedup at real model sizes, random weights.
 
-The architecture is built from a config (no download): ``llava-1.5-7b`` (CLIP ViT-L/14-336 + a LLaMA-7B decoder,
-576 visual tokens) and ``small`` (CLIP ViT-B/16-384, 576 visual tokens + a 0.45B LLaMA-style decoder shaped like
-Qwen2-0.5B: d 896, 24 layers, 14 heads, 2 KV heads, FFN 4864) — the one to use on a CPU. bf16 on a GPU, fp32 on
-a CPU. Prompts are 576 image tokens plus ``text`` text tokens; each method and budget is timed against the
+The architecture is built from a config (no download): ``llava-1.5-7b`` (CLIP ViT-L/14-336 + LLaMA-7B, 576 visual
+tokens), ``llava-next-7b`` (the same CLIP + a Mistral-7B decoder; a 672x672 image is 5 crops, 2928 tokens with
+the newlines), ``qwen2.5-vl-7b`` (its 32-block windowed ViT + Qwen2-7B decoder with M-RoPE; an 896x896 image, 1024
+tokens), and ``small`` (CLIP ViT-B/16-384, 576 visual tokens + a 0.45B LLaMA-style decoder shaped like
+Qwen2-0.5B: d 896, 24 layers, 14 heads, 2 KV heads, FFN 4864) — the one to use on a CPU. bf16 on a GPU, fp32 on a
+CPU. Prompts are the image's tokens plus ``text`` text tokens; every method and budget is timed against the
 unpruned model (interleaved, median) next to the speedup the FLOPs model predicts.
 """
 
@@ -15,75 +17,142 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 import mmprune
 from mmprune.bench.flops import Geometry, prefill_flops
 from mmprune.bench.sweep import timed_pair
 
-IMAGE_TOKEN = 32000
+IMAGE_TOKEN, VISION_START, VISION_END = 32000, 32001, 32002
+CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+          "image_size": 336, "patch_size": 14, "projection_dim": 768}
 GEOMETRIES = {
-    "llava-1.5-7b": dict(
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)),
-    "small": dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=384, patch_size=16, projection_dim=512),
-        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096)),
+    "llava-1.5-7b": {
+        "family": "llava", "vision": CLIP_L,
+        "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                 "max_position_embeddings": 4096}},
+    "llava-next-7b": {
+        "family": "llava_next", "vision": CLIP_L, "image": 672,
+        "text": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+                 "max_position_embeddings": 8192}},
+    "qwen2.5-vl-7b": {
+        "family": "qwen2_5_vl", "image": 896,
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3},
+        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+    "small": {
+        "family": "llava",
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "image_size": 384, "patch_size": 16, "projection_dim": 512},
+        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 4096}},
 }
 
 
-def build(geometry: str | dict, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    spec = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=LlamaConfig(**spec["text"]),
-                         image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+def build(spec: dict, device: torch.device, dtype: torch.dtype):
+    family = spec["family"]
+    common = {"image_token_id": IMAGE_TOKEN}
+    if family == "llava":
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=LlamaConfig(**spec["text"]),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             projector_hidden_act="gelu", **common)
+        cls = LlavaForConditionalGeneration
+    elif family == "llava_next":
+        size = spec["vision"]["image_size"]
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**spec["vision"]),
+                                 text_config=MistralConfig(**spec["text"]), vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default",
+                                 image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+                                 **common)
+        cls = LlavaNextForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        config = Qwen2_5_VLConfig(vision_config=spec["vision"], text_config=spec["text"], video_token_id=32003,
+                                  vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, **common)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"unknown family {family!r} in a speed geometry; expected llava, llava_next, qwen2_5_vl")
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
+        model = cls(config)
     model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()
 
 
-def inputs_for(model, batch: int, text: int, seed: int = 0) -> dict:
-    vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2
+def image_inputs(spec: dict, model, batch: int, generator) -> tuple[dict, int, int]:
+    """(pixel inputs for ``batch`` images, visual tokens per image, vision-tower tokens per crop)."""
+    family, device, dtype = spec["family"], model.device, model.dtype
+    if family == "llava":
+        size = spec["vision"]["image_size"]
+        tokens = (size // spec["vision"]["patch_size"]) ** 2
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator).to(device, dtype)}, tokens, \
+            tokens + 1
+    if family == "llava_next":
+        crop, image = spec["vision"]["image_size"], spec["image"]
+        crops = 1 + (image // crop) ** 2
+        pixels = {"pixel_values": torch.randn(batch, crops, 3, crop, crop, generator=generator).to(device, dtype),
+                  "image_sizes": torch.tensor([[image, image]] * batch, device=device)}
+        with torch.no_grad():  # the packed length (unpadding, newlines) as the model computes it
+            tokens = model.model.get_image_features(pixel_values=pixels["pixel_values"][:1],
+                                                    image_sizes=pixels["image_sizes"][:1]).pooler_output[0].shape[0]
+        return pixels, tokens, (crop // spec["vision"]["patch_size"]) ** 2 + 1
+    vision = spec["vision"]
+    side = spec["image"] // vision["patch_size"]
+    patch_dim = 3 * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    pixels = {"pixel_values": torch.randn(batch * side * side, patch_dim, generator=generator).to(device, dtype),
+              "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=device)}
+    return pixels, side * side // vision["spatial_merge_size"] ** 2, side * side
+
+
+def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple[dict, int, int]:
     generator = torch.Generator().manual_seed(seed)
+    pixels, tokens, crop_tokens = image_inputs(spec, model, batch, generator)
     before = torch.randint(10, 30000, (batch, text // 2), generator=generator)
     after = torch.randint(10, 30000, (batch, text - text // 2), generator=generator)
-    ids = torch.cat([before, torch.full((batch, tokens), IMAGE_TOKEN), after], dim=1)
-    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
-    return {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device),
-            "pixel_values": pixels.to(model.device, model.dtype)}
+    image = torch.full((batch, tokens), IMAGE_TOKEN)
+    if spec["family"] == "qwen2_5_vl":
+        image = torch.cat([torch.full((batch, 1), VISION_START), image, torch.full((batch, 1), VISION_END)], 1)
+    ids = torch.cat([before, image, after], dim=1).to(model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    if spec["family"] == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    return inputs, tokens, crop_tokens
 
 
 def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(1, 16), text: int = 64,
                 reps: int = 3, decode_steps: int = 8, device: str | None = None) -> list[dict]:
+    spec = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
+    name = geometry if isinstance(geometry, str) else "custom"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(geometry, device, dtype)
+    model = build(spec, device, dtype)
     g = Geometry.from_config(model.config)
+    crops = 1 + (spec["image"] // spec["vision"]["image_size"]) ** 2 if spec["family"] == "llava_next" else 1
     reference = mmprune.get("none")
     rows = []
     for batch in batches:
-        inputs = inputs_for(model, batch, text)
-        visual = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-        base = prefill_flops(g, text, [visual] * g.layers, 1, visual)["total"]
+        inputs, visual, crop_tokens = inputs_for(spec, model, batch, text)
+        text_tokens = inputs["input_ids"].shape[1] - visual
+        base = prefill_flops(g, text_tokens, [visual] * g.layers, crops, visual, crop_tokens)["total"]
         for method in methods:
             for keep in keeps:
-                row = {"geometry": geometry if isinstance(geometry, str) else "custom", "batch": batch,
-                       "method": method, "keep": keep, "device": torch.cuda.get_device_name() if
-                       device.type == "cuda" else "cpu", "status": "ok"}
+                row = {"geometry": name, "batch": batch, "method": method, "keep": keep, "visual_tokens": visual,
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "status": "ok"}
                 try:
                     pruner = mmprune.get(method, keep=keep)
                     speed = timed_pair(model, inputs, pruner, reference, reps, decode_steps)
-                    with torch.no_grad(), pruner.attach(model):
-                        model(**inputs_for(model, 1, text))
                     per_layer = pruner.stats["samples"][0]["tokens_per_layer"]
-                    predicted = base / prefill_flops(g, text, per_layer, 1, visual)["total"]
+                    predicted = base / prefill_flops(g, text_tokens, per_layer, crops, visual, crop_tokens)["total"]
                     measured = speed["prefill_ref"] / speed["prefill"]
                     row.update(tokens_per_layer_last=per_layer[-1],
                                equivalent_tokens=sum(per_layer) / len(per_layer),
@@ -92,7 +161,7 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
                                measured_over_predicted=measured / predicted,
                                e2e_speedup=speed["e2e_ref"] / speed["e2e"],
                                selection_share=speed["selection_ms"] / (1000 * speed["prefill"]))
-                except Exception as exc:  # reported, the sweep goes on
+                except Exception as exc:  # reported, the sweep goes on  # noqa: BLE001
                     row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 rows.append(row)
     return rows
