@@ -51,7 +51,12 @@ class Recorded(HybridPruner):
     summary: ClassVar[str] = "recorded"
 
     def prune_image(self, tokens):
-        return self.pre[tokens.sample] if self.pre else Selection.identity(tokens.num_tokens)
+        if not self.pre:
+            return Selection.identity(tokens.num_tokens)
+        # images arrive in the order they were recorded (one forward's images, sample by sample)
+        index = getattr(self, "_next", 0)
+        self._next = (index + 1) % len(self.pre)
+        return self.pre[index]
 
     def plan(self, images, num_layers):
         return self.layers, self.counts
