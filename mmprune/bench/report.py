@@ -92,21 +92,27 @@ def plots(rows: list[dict], out: Path) -> dict[str, Path]:
 
     ok = [r for r in rows if r["status"] == "ok" and r["method"] != "none"]
     methods = list(dict.fromkeys(r["method"] for r in ok))
-    paths = {}
+    tokens_axis = "visual tokens (equivalent average over layers)"
 
+    def finish(fig, ax, name: str, ylabel: str, xlabel: str | None = tokens_axis) -> Path:
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        return out / name
+
+    paths = {}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method in methods:
         points = sorted((r["equivalent_tokens"], 100 * r["retention"]) for r in ok if r["method"] == method)
         dashed = any(r.get("baseline") for r in ok if r["method"] == method)
         ax.plot(*zip(*points), "--" if dashed else "-", marker="o", label=method)
     ax.axhline(100, color="grey", lw=0.8)
-    ax.set_xlabel("visual tokens (equivalent average over layers)")
-    ax.set_ylabel("accuracy retained (%)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths["plot_retention"] = out / "retention_vs_tokens.png"
-    fig.savefig(paths["plot_retention"], dpi=120)
-    plt.close(fig)
+    paths["plot_retention"] = finish(fig, ax, "retention_vs_tokens.png", "accuracy retained (%)")
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, method in enumerate(methods):
@@ -115,13 +121,8 @@ def plots(rows: list[dict], out: Path) -> dict[str, Path]:
         color = f"C{i % 10}"
         ax.plot([p[0] for p in points], [p[1] for p in points], "-", marker="o", color=color, label=method)
         ax.plot([p[0] for p in points], [p[2] for p in points], ":", color=color)
-    ax.set_xlabel("visual tokens (equivalent average over layers)")
-    ax.set_ylabel("prefill speedup (solid: measured, dotted: FLOPs)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths["plot_speedup"] = out / "speedup_vs_tokens.png"
-    fig.savefig(paths["plot_speedup"], dpi=120)
-    plt.close(fig)
+    paths["plot_speedup"] = finish(fig, ax, "speedup_vs_tokens.png",
+                                   "prefill speedup (solid: measured, dotted: FLOPs)")
 
     smallest = {m: min((r for r in ok if r["method"] == m), key=lambda r: r["equivalent_tokens"]) for m in methods}
     families = families_of(ok)
@@ -131,10 +132,6 @@ def plots(rows: list[dict], out: Path) -> dict[str, Path]:
         values = [100 * smallest[method]["family_retention"].get(f, math.nan) for f in families]
         ax.bar([j + i * width for j in range(len(families))], values, width, label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families, rotation=20, fontsize=8)
-    ax.set_ylabel("accuracy retained at the smallest budget (%)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths["plot_families"] = out / "family_retention.png"
-    fig.savefig(paths["plot_families"], dpi=120)
-    plt.close(fig)
+    paths["plot_families"] = finish(fig, ax, "family_retention.png", "accuracy retained at the smallest budget (%)",
+                                    xlabel=None)
     return paths
