@@ -47,10 +47,6 @@ def _inputs(processor, samples, device):
                      padding=True, return_tensors="pt").to(device)
 
 
-def _attached(pruner, model):
-    return pruner.attach(model)
-
-
 @torch.no_grad()
 def timed_pair(model, inputs, pruner, reference, reps: int, decode_steps: int) -> dict:
     """Median prefill and end-to-end (prefill + ``decode_steps`` tokens) seconds of ``pruner`` and of

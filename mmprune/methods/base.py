@@ -164,8 +164,9 @@ class InLLMPruner(Pruner):
         return set()
 
     def describe_schedule(self) -> dict:
-        """What the stats report about the budget: how ``keep`` was turned into the schedule."""
-        return {"keep": self.keep}
+        """What the stats report about the budget: how ``keep`` was turned into the schedule (a method that plans
+        a schedule stores it in ``self._schedule``)."""
+        return dict(getattr(self, "_schedule", {"keep": self.keep}))
 
     def scores(self, ctx, stage: int) -> torch.Tensor:  # pragma: no cover - abstract
         """``(B, L)`` importance of every position of the current sequence (only visual ones are read)."""
@@ -286,9 +287,6 @@ class MultiStagePruner(InLLMPruner):
                                               for image, c in zip(images, counts)])
         self._schedule = how
         return layers, counts
-
-    def describe_schedule(self) -> dict:
-        return dict(getattr(self, "_schedule", {"keep": self.keep}))
 
 
 @dataclass

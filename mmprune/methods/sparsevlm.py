@@ -121,9 +121,6 @@ class SparseVLMPruner(InLLMPruner):
                           "kept": self._kept, "counts_with_recycled": counts}
         return score_layers, counts
 
-    def describe_schedule(self) -> dict:
-        return dict(getattr(self, "_schedule", {"keep": self.keep}))
-
     def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:
         return {0} | {layer - 1 for layer in stage_layers}
 

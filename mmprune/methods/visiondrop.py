@@ -84,9 +84,6 @@ class VisionDropPruner(HybridPruner):
                           "counts": counts}
         return layers, counts
 
-    def describe_schedule(self) -> dict:
-        return dict(getattr(self, "_schedule", {"keep": self.keep}))
-
     def choose(self, ctx, stage: int, counts: list[int]) -> list[Selection]:
         out = []
         for image, (track, k) in enumerate(zip(ctx.tracks, counts)):
