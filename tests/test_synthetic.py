@@ -90,3 +90,31 @@ def test_bad_input():
         synthetic.generate(0)
     with pytest.raises(ValueError, match="unknown question family 'colour'; allowed: attribute"):
         synthetic.ask(np.random.default_rng(0), synthetic.make_scene(np.random.default_rng(0)), "colour")
+
+
+def test_render_is_deterministic_and_twins_differ_only_where_the_objects_do():
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        scene = synthetic.make_scene(rng)
+        twin = synthetic.hard_negative(rng, scene)
+        if twin is None:
+            continue
+        changed = [(a, b) for a, b in zip(scene.objects, twin) if a != b]
+        assert 1 <= len(changed) <= 2 and all(a.box == b.box and a.size == b.size for a, b in changed)
+        assert len({(o.colour, o.shape) for o in twin}) == len(twin)  # names stay unique
+        assert synthetic.caption(synthetic.render(twin, 96, scene.cluttered, rng)) != synthetic.caption(scene)
+        base, again = (synthetic.render(scene.objects, 96, scene.cluttered, np.random.default_rng(seed))
+                       for _ in range(2))
+        assert np.array_equal(np.asarray(base.image), np.asarray(again.image))
+        other = synthetic.render(twin, 96, scene.cluttered, np.random.default_rng(seed))
+        diff = np.any(np.asarray(base.image) != np.asarray(other.image), axis=-1)
+        inside = np.zeros_like(diff)
+        for a, _ in changed:
+            x0, y0, x1, y1 = a.box
+            inside[y0:y1, x0:x1] = True
+        assert diff.any() and not (diff & ~inside).any()
+
+
+def test_hard_negative_of_an_empty_scene_is_none():
+    scene = synthetic.make_scene(np.random.default_rng(0), n_objects=0)
+    assert synthetic.hard_negative(np.random.default_rng(0), scene) is None

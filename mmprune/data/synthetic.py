@@ -190,11 +190,46 @@ def make_scene(rng, size: int = BASE_SIZE, n_objects: int | None = None, clutter
             continue
         pairs.add((colour, shape))
         objects.append(Obj(shape, colour, size_name, box))
+    return render(objects, size, cluttered, rng)
+
+
+def render(objects: list[Obj], size: int, cluttered: bool, rng) -> Scene:
+    """Draw ``objects`` on a fresh background; the same rng state draws the same background, colour jitter and
+    textures for objects of the same boxes, so two renders differ only where the objects do."""
     canvas = _background(rng, size, cluttered)
     for obj in objects:
         _draw(canvas, obj, rng)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     return Scene(objects, image, cluttered)
+
+
+def hard_negative(rng, scene: Scene) -> list[Obj] | None:
+    """The scene's objects with one detail changed, for contrastive training with hard negatives (as NegCLIP):
+    one object's shape (half the time) or colour replaced, or two objects' colours swapped, keeping every
+    colour+shape pair unique. None for an empty scene."""
+    objects = list(scene.objects)
+    if not objects:
+        return None
+    pairs = {(o.colour, o.shape) for o in objects}
+    kind = rng.random()
+    if kind < 0.25 and len(objects) >= 2:
+        i, j = (int(v) for v in rng.choice(len(objects), size=2, replace=False))
+        a, b = objects[i], objects[j]
+        swapped = {(b.colour, a.shape), (a.colour, b.shape)}
+        if a.colour != b.colour and not swapped & (pairs - {(a.colour, a.shape), (b.colour, b.shape)}):
+            objects[i] = Obj(a.shape, b.colour, a.size, a.box)
+            objects[j] = Obj(b.shape, a.colour, b.size, b.box)
+            return objects
+    i = int(rng.integers(len(objects)))
+    target = objects[i]
+    if kind < 0.625:
+        options = [Obj(s, target.colour, target.size, target.box) for s in SHAPES if (target.colour, s) not in pairs]
+    else:
+        options = [Obj(target.shape, c, target.size, target.box) for c in COLOURS if (c, target.shape) not in pairs]
+    if not options:
+        return None
+    objects[i] = options[int(rng.integers(len(options)))]
+    return objects
 
 
 def caption(scene: Scene) -> str:

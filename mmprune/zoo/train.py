@@ -4,7 +4,9 @@ Three stages, as LLaVA-1.5 is built:
 
 1. ``clip``  — a CLIP vision encoder trained contrastively against generated captions (HF ``CLIPModel`` with a
    small text tower, loss at the [CLS] output). Nothing else teaches the encoder, so [CLS] attention concentrates
-   on the objects a caption names and object identity stays in the object's own patches.
+   on the objects a caption names and object identity stays in the object's own patches. With
+   ``--hard-negatives`` (default) each batch pairs scenes with twins that differ in one shape or colour (as
+   NegCLIP), without which the encoder tells captions apart by colours and places and leaves shapes unlearnt.
 2. ``align`` — projector alignment: captions ("describe the image .") and QA turns. LLaVA trains only the projector
    here because its LLM is pretrained; ours starts from scratch, so the LLM trains too (a deliberate difference).
 3. ``qa``    — end-to-end instruction tuning on several questions per image, each in the
@@ -16,10 +18,11 @@ Three stages, as LLaVA-1.5 is built:
    not expose what questions need as well as OpenAI's CLIP does, and the kept contrastive objective keeps [CLS]
    a contrastive summary of the scene.
 
-No auxiliary losses. Data are drawn on the fly from the synthetic generator (training stream of the seed; the
+An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the synthetic generator (training stream of the seed; the
 benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
 stage's end; ``--resume`` continues from it. The finished model and its processor are saved with
-``save_pretrained`` (safetensors) into ``--out``, with ``training.json`` (recipe, wall time, machine, dev curve).
+``save_pretrained`` (safetensors) into ``--out``, with ``training.json`` (recipe, wall time, machine) and, when a
+run was resumed with other settings, every phase's settings and the step it started at.
 """
 
 from __future__ import annotations
@@ -172,8 +175,27 @@ def caption_ids(processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def clip_batch(rng, processor, size: int, batch: int):
-    scenes = [synthetic.make_scene(rng, size) for _ in range(batch)]
+def with_twin(rng, scene: synthetic.Scene, hard_negatives: bool) -> list[synthetic.Scene]:
+    """``[scene]``, or with ``hard_negatives`` ``[scene, twin]``: both re-rendered from one rng state so the twin
+    differs only in the detail :func:`synthetic.hard_negative` changed (a shape, a colour, two colours swapped).
+    In one contrastive batch the twin's caption is the hardest negative for the scene, so [CLS] must encode every
+    object's shape and colour and which object has which (in-batch negatives alone are told apart by colours and
+    places, leaving shapes unlearnt: a linear probe read shapes at near chance from such patches)."""
+    if not hard_negatives:
+        return [scene]
+    seed = int(rng.integers(2**32))
+    twin = synthetic.hard_negative(rng, scene)
+    out = [synthetic.render(scene.objects, scene.size, scene.cluttered, np.random.default_rng(seed))]
+    if twin is not None:
+        out.append(synthetic.render(twin, scene.size, scene.cluttered, np.random.default_rng(seed)))
+    return out
+
+
+def clip_batch(rng, processor, size: int, batch: int, hard_negatives: bool):
+    """About ``batch`` images and their captions: ``batch`` scenes, or half as many each with its twin."""
+    scenes = []
+    while len(scenes) < batch:
+        scenes += with_twin(rng, synthetic.make_scene(rng, size), hard_negatives)
     ids, mask = caption_ids(processor, scenes)
     return pixels([s.image for s in scenes], processor.image_processor), ids, mask
 
@@ -208,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="qa stage: train the vision encoder too, with its CLIP loss kept on")
     p.add_argument("--vision-lr-scale", type=float, default=0.3, help="vision (and CLIP heads) lr / lr")
+    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="contrastive batches pair each scene with a twin differing in one shape or colour")
     p.add_argument("--clip-weight", type=float, default=0.5, help="weight of the CLIP loss in the qa stage")
     p.add_argument("--aux-until", type=int, default=0,
                    help="qa steps before which a per-token auxiliary loss (object colour/shape/size) is added")
@@ -232,14 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     model = LlavaForConditionalGeneration(config).to(device)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     clip = clip_model(processor, config).to(device)
-    state = {"stage": "clip", "step": 0, "elapsed": 0.0}
-    optimizer_state = None
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads", "device")}
+    state = {"stage": "clip", "step": 0, "elapsed": 0.0, "phases": []}
+    optimizer_state = aux_state = aux_heads = None
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         clip.load_state_dict(ckpt["clip"])
-        state, optimizer_state = ckpt["state"], ckpt["optimizer"]
+        state, optimizer_state, aux_state = ckpt["state"], ckpt["optimizer"], ckpt.get("aux")
         print(f"resumed at stage {state['stage']} step {state['step']}")
+    phases = state.setdefault("phases", [])
+    if not phases or phases[-1]["recipe"] != recipe:
+        # a resumed run with other settings: training.json lists every phase, so the weights can be reproduced
+        phases.append({"from": f"{state['stage']} step {state['step']}", "recipe": recipe})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     dev = synthetic.generate(args.dev, seed=DEV_SEED, size=args.image_size)
     image_tokens = (args.image_size // args.patch_size) ** 2
@@ -248,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     def save(stage: str, step: int, optimizer) -> None:
         state.update(stage=stage, step=step, elapsed=time.time() - started)
         torch.save({"model": model.state_dict(), "clip": clip.state_dict(), "state": state,
-                    "optimizer": optimizer.state_dict()}, ckpt_path.with_suffix(".tmp"))
+                    "optimizer": optimizer.state_dict(), "aux": aux_heads.state_dict() if aux_heads else None},
+                   ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
     stages = ["clip", "align", "qa", "done"]
@@ -260,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         clip.train()
         for step in range(state["step"], args.clip_steps):
             rng = np.random.default_rng([args.seed, step, TRAIN_STREAM, 0])
-            pix, ids, mask = clip_batch(rng, processor, args.image_size, args.clip_batch)
+            pix, ids, mask = clip_batch(rng, processor, args.image_size, args.clip_batch, args.hard_negatives)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args.clip_steps, args.clip_lr, 100)
             with autocast:
@@ -287,25 +317,17 @@ def main(argv: list[str] | None = None) -> None:
         model.model.vision_tower.requires_grad_(tune_vision)
         vision = list(model.model.vision_tower.parameters()) if tune_vision else []
         others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.vision_tower")]
-        groups = [{"params": others, "scale": 1.0}] + ([{"params": vision, "scale": args.vision_lr_scale}]
-                                                        if vision else [])
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
-        warm_from = state["step"]
-        if optimizer_state is not None:
-            if len(optimizer_state["param_groups"]) == len(groups):
-                optimizer.load_state_dict(optimizer_state)
-                warm_from = 0
-            optimizer_state = None  # else: a new parameter set (vision unfrozen): fresh moments, re-warmed
+        groups = [{"params": others, "scale": 1.0}]
+        params = list(others)
         if tune_vision:
             # end-to-end: the encoder also keeps its CLIP objective on this batch's captions, so [CLS] stays a
             # contrastive summary (the property pruning methods rely on) while patches learn what QA needs
             clip.vision_model = model.model.vision_tower
             clip.train()
-            params = others + vision + [p for n, p in clip.named_parameters() if not n.startswith("vision_model")]
-            groups.append({"params": params[len(others) + len(vision):], "scale": args.vision_lr_scale})
-            optimizer.add_param_group(groups[-1])
-        else:
-            params = others
+            heads = [p for n, p in clip.named_parameters() if not n.startswith("vision_model")]
+            groups += [{"params": vision, "scale": args.vision_lr_scale},
+                       {"params": heads, "scale": args.vision_lr_scale}]
+            params += vision + heads
         aux_heads = None
         if stage_name == "qa" and args.aux_until > state["step"]:
             # early-training aid: linear heads read each visual token's own object and its place in the grid from
@@ -315,28 +337,40 @@ def main(argv: list[str] | None = None) -> None:
             grid = int(image_tokens ** 0.5)
             aux_heads = torch.nn.ModuleList([torch.nn.Linear(dim, n + 1) for n in (
                 len(synthetic.COLOURS), len(synthetic.SHAPES), len(synthetic.SIZES), grid - 1, grid - 1)]).to(device)
-            optimizer.add_param_group({"params": list(aux_heads.parameters()), "scale": 1.0})
+            if aux_state is not None:
+                aux_heads.load_state_dict(aux_state)
+            groups.append({"params": list(aux_heads.parameters()), "scale": 1.0})
             captured = {}
             aux_hook = model.model.multi_modal_projector.register_forward_hook(
                 lambda m, a, out: captured.__setitem__("tokens", out))
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
+        warm_from = state["step"]
+        if optimizer_state is not None:
+            if [len(g["params"]) for g in optimizer_state["param_groups"]] == [len(g["params"]) for g in groups]:
+                optimizer.load_state_dict(optimizer_state)
+                for group, built in zip(optimizer.param_groups, groups):
+                    group["scale"] = built["scale"]  # this run's --vision-lr-scale, not the checkpoint's
+                warm_from = 0
+            optimizer_state = None  # else: a new parameter set (vision unfrozen, aux dropped): fresh moments
         for step in range(state["step"], steps):
             if aux_heads is not None and step == args.aux_until:
                 aux_hook.remove()
                 aux_heads = None
             model.train()
             rng = np.random.default_rng([args.seed, step, TRAIN_STREAM, stages.index(stage_name)])
-            rows, images, scenes = [], [], []
+            rows, scenes, twins = [], [], []
             for _ in range(args.batch):
                 scene, qa = training_turns(rng, args.image_size, args.turns, caption_prob)
                 rows.append(encode_turns(processor.tokenizer, qa, image_tokens, config.image_token_id))
-                images.append(scene.image)
+                scene, *twin = with_twin(rng, scene, tune_vision and args.hard_negatives)
                 scenes.append(scene)
+                twins += twin
             input_ids, labels, positions, mask = collate(rows, config.text_config.pad_token_id)
             rewarm = min(1.0, (step - warm_from + 1) / 100)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, args.lr, 200 if stage_name == "align" else 100) * group.get(
                     "scale", 1.0) * rewarm
-            pix = pixels(images, processor.image_processor).to(device)
+            pix = pixels([s.image for s in scenes], processor.image_processor).to(device)
             with autocast:
                 loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), pixel_values=pix,
@@ -348,9 +382,11 @@ def main(argv: list[str] | None = None) -> None:
                         torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1), targets[..., i].flatten())
                         for i, head in enumerate(aux_heads))
                 if tune_vision:
-                    ids, text_mask = caption_ids(processor, scenes)
+                    ids, text_mask = caption_ids(processor, scenes + twins)
+                    both = torch.cat([pix, pixels([s.image for s in twins], processor.image_processor).to(device)]
+                                     ) if twins else pix
                     contrastive = clip(input_ids=ids.to(device), attention_mask=text_mask.to(device),
-                                       pixel_values=pix, return_loss=True).loss
+                                       pixel_values=both, return_loss=True).loss
                     loss = loss + args.clip_weight * contrastive
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -373,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"recipe": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+    info = {"recipe": recipe, "phases": state["phases"],
             "wall_time_s": round(time.time() - started),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",

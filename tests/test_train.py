@@ -1,0 +1,72 @@
+"""The training script on a tiny configuration: every stage runs, the model saves as a loadable HF LLaVA, packed
+training turns are exactly the processor's prompt, and a resumed run records its changed settings."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from mmprune.bench.accuracy import prompts
+from mmprune.data import synthetic
+from mmprune.zoo import train
+
+TINY = ["--image-size", "32", "--patch-size", "8", "--vision-hidden", "32", "--vision-layers", "1",
+        "--vision-heads", "2", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
+        "--clip-steps", "2", "--clip-batch", "8", "--align-steps", "2", "--qa-steps", "4", "--batch", "3",
+        "--turns", "3", "--dev", "7", "--eval-every", "100", "--save-every", "2", "--aux-until", "1",
+        "--threads", "1"]
+
+
+def steps_logged(out, stage):
+    return [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+            if r["stage"] == stage]
+
+
+def test_every_stage_runs_and_saves_a_loadable_llava(tmp_path):
+    train.main(TINY + ["--out", str(tmp_path)])
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    sample = synthetic.sample(0, 0, size=32)
+    inputs = processor(text=prompts(processor, [sample.question]), images=[sample.image], return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
+    info = json.loads((tmp_path / "training.json").read_text())
+    assert info["recipe"]["hard_negatives"] is True and len(info["phases"]) == 1
+    assert steps_logged(tmp_path, "qa")[-1] == 3
+
+
+def test_resume_continues_from_the_checkpoint_and_records_a_changed_recipe(tmp_path, monkeypatch, capsys):
+    real_collate, calls = train.collate, []
+
+    def crash_at_qa_step_3(rows, pad_id):
+        calls.append(1)
+        if len(calls) == 2 + 3 + 1:  # 2 align steps, then qa steps 0-2, then crash before step 3's forward
+            raise KeyboardInterrupt
+        return real_collate(rows, pad_id)
+
+    monkeypatch.setattr(train, "collate", crash_at_qa_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--out", str(tmp_path)])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 2
+    monkeypatch.setattr(train, "collate", real_collate)
+    capsys.readouterr()
+    train.main(TINY + ["--out", str(tmp_path), "--resume", "--lr", "5e-4"])
+    assert "resumed at stage qa step 2" in capsys.readouterr().out
+    phases = json.loads((tmp_path / "training.json").read_text())["phases"]
+    assert [p["from"] for p in phases] == ["clip step 0", "qa step 2"]
+    assert phases[1]["recipe"]["lr"] == 5e-4
+
+
+def test_packed_turn_is_the_processors_single_turn_prompt(tmp_path):
+    processor = train.llava_processor(synthetic.vocabulary(), 32, 8)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    qa = [("what color is the circle ?", "red"), ("how many objects are there ?", "2")]
+    ids, labels, turn, positions = train.encode_turns(processor.tokenizer, qa, 16, image_token)
+    prompt = processor(text=prompts(processor, [qa[1][0]]), images=[synthetic.sample(0, 0, size=32).image],
+                       return_tensors="pt")["input_ids"][0].tolist()
+    second = [i for i, t in enumerate(turn) if t in (0, 2)]
+    assert [ids[i] for i in second][:len(prompt)] == prompt
+    assert [positions[i] for i in second] == list(range(len(second)))
+    answer = processor.tokenizer("2 </s>", add_special_tokens=False)["input_ids"]
+    assert [labels[i] for i in second if labels[i] != -100] == answer
