@@ -205,8 +205,9 @@ def render(objects: list[Obj], size: int, cluttered: bool, rng) -> Scene:
 
 def hard_negative(rng, scene: Scene) -> list[Obj] | None:
     """The scene's objects with one detail changed, for contrastive training with hard negatives (as NegCLIP):
-    one object's shape (half the time) or colour replaced, or two objects' colours swapped, keeping every
-    colour+shape pair unique. None for an empty scene."""
+    two objects' colours swapped (a quarter of the time), else one object's shape (60%) or colour (15%)
+    replaced, keeping every colour+shape pair unique. Shapes get most of the share because they are what a small
+    CLIP learns last (colours are told apart early). None for an empty scene."""
     objects = list(scene.objects)
     if not objects:
         return None
@@ -222,7 +223,7 @@ def hard_negative(rng, scene: Scene) -> list[Obj] | None:
             return objects
     i = int(rng.integers(len(objects)))
     target = objects[i]
-    if kind < 0.625:
+    if kind < 0.85:
         options = [Obj(s, target.colour, target.size, target.box) for s in SHAPES if (target.colour, s) not in pairs]
     else:
         options = [Obj(target.shape, c, target.size, target.box) for c in COLOURS if (c, target.shape) not in pairs]

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -200,6 +201,19 @@ def clip_batch(rng, processor, size: int, batch: int, hard_negatives: bool):
     return pixels([s.image for s in scenes], processor.image_processor), ids, mask
 
 
+def source_commit() -> str | None:
+    """The git commit of this code (with ``+dirty`` when it has uncommitted changes), or None outside a checkout:
+    a phase's settings reproduce its weights only with the code they ran with."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def log(path: Path, record: dict) -> None:
     print(json.dumps(record), flush=True)
     with open(path, "a") as f:
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     phases = state.setdefault("phases", [])
     if not phases or phases[-1]["recipe"] != recipe:
         # a resumed run with other settings: training.json lists every phase, so the weights can be reproduced
-        phases.append({"from": f"{state['stage']} step {state['step']}", "recipe": recipe})
+        phases.append({"from": f"{state['stage']} step {state['step']}", "recipe": recipe, "commit": source_commit()})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     dev = synthetic.generate(args.dev, seed=DEV_SEED, size=args.image_size)
     image_tokens = (args.image_size // args.patch_size) ** 2
