@@ -14,7 +14,7 @@ from mmprune.zoo import train
 TINY = ["--image-size", "32", "--patch-size", "8", "--vision-hidden", "32", "--vision-layers", "1",
         "--vision-heads", "2", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
         "--clip-steps", "2", "--clip-batch", "8", "--align-steps", "2", "--qa-steps", "4", "--batch", "3",
-        "--turns", "3", "--dev", "7", "--eval-every", "100", "--save-every", "2", "--aux-until", "1",
+        "--turns", "3", "--clip-extra", "4", "--dev", "7", "--eval-every", "100", "--save-every", "2", "--aux-until", "1",
         "--threads", "1"]
 
 
@@ -23,8 +23,18 @@ def steps_logged(out, stage):
             if r["stage"] == stage]
 
 
-def test_every_stage_runs_and_saves_a_loadable_llava(tmp_path):
+def test_every_stage_runs_and_saves_a_loadable_llava(tmp_path, monkeypatch):
+    real_caption_ids, contrastive_batches = train.caption_ids, []
+
+    def recording(processor, scenes):
+        contrastive_batches.append(len(scenes))
+        return real_caption_ids(processor, scenes)
+
+    monkeypatch.setattr(train, "caption_ids", recording)
     train.main(TINY + ["--out", str(tmp_path)])
+    # clip stage: 8 images (scenes and twins); qa stage: 3 scenes, their twins and >= 4 images for the loss alone
+    assert contrastive_batches[:2] == [8, 8] and len(contrastive_batches) == 2 + 4
+    assert all(3 + 4 <= n <= 3 + 3 + 4 + 1 for n in contrastive_batches[2:])
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
     sample = synthetic.sample(0, 0, size=32)

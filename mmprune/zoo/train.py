@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="qa stage: train the vision encoder too, with its CLIP loss kept on")
     p.add_argument("--vision-lr-scale", type=float, default=0.3, help="vision (and CLIP heads) lr / lr")
+    p.add_argument("--clip-extra", type=int, default=0,
+                   help="qa stage: images (scenes and their twins) added to the contrastive loss only, beyond the "
+                        "batch's; they cost a vision step, not an LLM step")
     p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                    help="contrastive batches pair each scene with a twin differing in one shape or colour")
     p.add_argument("--clip-weight", type=float, default=0.5, help="weight of the CLIP loss in the qa stage")
@@ -372,13 +375,17 @@ def main(argv: list[str] | None = None) -> None:
                 aux_heads = None
             model.train()
             rng = np.random.default_rng([args.seed, step, TRAIN_STREAM, stages.index(stage_name)])
-            rows, scenes, twins = [], [], []
+            rows, scenes, clip_only = [], [], []  # clip_only: images for the contrastive loss alone
             for _ in range(args.batch):
                 scene, qa = training_turns(rng, args.image_size, args.turns, caption_prob)
                 rows.append(encode_turns(processor.tokenizer, qa, image_tokens, config.image_token_id))
                 scene, *twin = with_twin(rng, scene, tune_vision and args.hard_negatives)
                 scenes.append(scene)
-                twins += twin
+                clip_only += twin
+            extra = []
+            while tune_vision and len(extra) < args.clip_extra:
+                extra += with_twin(rng, synthetic.make_scene(rng, args.image_size), args.hard_negatives)
+            clip_only += extra
             input_ids, labels, positions, mask = collate(rows, config.text_config.pad_token_id)
             rewarm = min(1.0, (step - warm_from + 1) / 100)
             for group in optimizer.param_groups:
@@ -396,9 +403,9 @@ def main(argv: list[str] | None = None) -> None:
                         torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1), targets[..., i].flatten())
                         for i, head in enumerate(aux_heads))
                 if tune_vision:
-                    ids, text_mask = caption_ids(processor, scenes + twins)
-                    both = torch.cat([pix, pixels([s.image for s in twins], processor.image_processor).to(device)]
-                                     ) if twins else pix
+                    ids, text_mask = caption_ids(processor, scenes + clip_only)
+                    both = torch.cat([pix, pixels([s.image for s in clip_only], processor.image_processor).to(device)]
+                                     ) if clip_only else pix
                     contrastive = clip(input_ids=ids.to(device), attention_mask=text_mask.to(device),
                                        pixel_values=both, return_loss=True).loss
                     loss = loss + args.clip_weight * contrastive
