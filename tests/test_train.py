@@ -14,8 +14,8 @@ from mmprune.zoo import train
 TINY = ["--image-size", "32", "--patch-size", "8", "--vision-hidden", "32", "--vision-layers", "1",
         "--vision-heads", "2", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
         "--clip-steps", "2", "--clip-batch", "8", "--align-steps", "2", "--qa-steps", "4", "--batch", "3",
-        "--turns", "3", "--clip-extra", "4", "--dev", "7", "--eval-every", "100", "--save-every", "2", "--aux-until", "1",
-        "--threads", "1"]
+        "--turns", "3", "--clip-extra", "4", "--dev", "7", "--eval-every", "100", "--save-every", "2",
+        "--aux-until", "1", "--threads", "1"]
 
 
 def steps_logged(out, stage):

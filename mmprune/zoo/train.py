@@ -16,10 +16,11 @@ Three stages, as LLaVA-1.5 is built:
    Unlike LLaVA-1.5, whose CLIP stays frozen, the vision encoder trains too (``--tune-vision``, at 0.3x the
    learning rate) with its CLIP loss kept on the batch's captions: a 2.7M-parameter CLIP trained for minutes does
    not expose what questions need as well as OpenAI's CLIP does, and the kept contrastive objective keeps [CLS]
-   a contrastive summary of the scene.
+   a contrastive summary of the scene. ``--clip-extra`` adds scenes (and their twins) to that contrastive loss
+   alone: vision steps for what the encoder learns last, without LLM steps.
 
-An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the synthetic generator (training stream of the seed; the
-benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
+An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the
+synthetic generator (training stream of the seed; the benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
 stage's end; ``--resume`` continues from it. The finished model and its processor are saved with
 ``save_pretrained`` (safetensors) into ``--out``, with ``training.json`` (recipe, wall time, machine) and, when a
 run was resumed with other settings, every phase's settings and the step it started at.
