@@ -1,8 +1,10 @@
 """The training script on a tiny configuration: every stage runs, the model saves as a loadable HF LLaVA, packed
 training turns are exactly the processor's prompt, and a resumed run records its changed settings."""
 
+import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -80,3 +82,25 @@ def test_packed_turn_is_the_processors_single_turn_prompt(tmp_path):
     assert [positions[i] for i in second] == list(range(len(second)))
     answer = processor.tokenizer("2 </s>", add_special_tokens=False)["input_ids"]
     assert [labels[i] for i in second if labels[i] != -100] == answer
+
+
+
+def test_contrastive_loss_from_encoded_images_is_clipmodels_loss():
+    torch.manual_seed(0)
+    tiny = argparse.Namespace(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                              hidden=32, intermediate=64, layers=1, heads=2)
+    processor, config = train.build(tiny)
+    clip = train.clip_model(processor, config).eval()
+    pix, ids, mask = train.clip_batch(np.random.default_rng(0), processor, 32, 6, hard_negatives=True)
+    pooled = clip.vision_model(pixel_values=pix).pooler_output
+    expected = clip(input_ids=ids, attention_mask=mask, pixel_values=pix, return_loss=True).loss
+    torch.testing.assert_close(train.contrastive_loss(clip, pooled, ids, mask), expected)
+
+
+def test_a_finished_run_trains_on_when_resumed_with_more_qa_steps(tmp_path):
+    train.main(TINY + ["--out", str(tmp_path)])
+    train.main(TINY + ["--out", str(tmp_path), "--resume", "--qa-steps", "6"])
+    assert steps_logged(tmp_path, "qa")[-1] == 5
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 6
+    phases = json.loads((tmp_path / "training.json").read_text())["phases"]
+    assert [p["from"] for p in phases] == ["clip step 0", "qa step 4"]

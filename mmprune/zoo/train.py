@@ -44,6 +44,7 @@ from transformers import (
     CLIPVisionConfig,
     LlavaForConditionalGeneration,
 )
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from mmprune.bench.accuracy import evaluate
 from mmprune.data import synthetic
@@ -177,6 +178,15 @@ def caption_ids(processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def contrastive_loss(clip: CLIPModel, pooled: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``CLIPModel``'s loss from images already encoded (``pooled``: the vision tower's [CLS] output), so the QA
+    batch's images go through the shared encoder once for both losses."""
+    images = torch.nn.functional.normalize(clip.visual_projection(pooled), dim=-1)
+    texts = clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
+    texts = torch.nn.functional.normalize(clip.text_projection(texts), dim=-1)
+    return image_text_contrastive_loss(texts @ images.T * clip.logit_scale.exp())
+
+
 def with_twin(rng, scene: synthetic.Scene, hard_negatives: bool) -> list[synthetic.Scene]:
     """``[scene]``, or with ``hard_negatives`` ``[scene, twin]``: both re-rendered from one rng state so the twin
     differs only in the detail :func:`synthetic.hard_negative` changed (a shape, a colour, two colours swapped).
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
                    ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
-    stages = ["clip", "align", "qa", "done"]
+    stages = ["clip", "align", "qa"]
     if stages.index(state["stage"]) == 0:
         params = list(clip.parameters())
         optimizer = torch.optim.AdamW(params, lr=args.clip_lr, weight_decay=0.1)
@@ -342,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             # contrastive summary (the property pruning methods rely on) while patches learn what QA needs
             clip.vision_model = model.model.vision_tower
             clip.train()
+            encoded = {}  # the [CLS] output of the LLaVA forward's vision pass, reused by the contrastive loss
+            cls_hook = model.model.vision_tower.register_forward_hook(
+                lambda m, a, out: encoded.__setitem__("pooled", out.pooler_output))
             heads = [p for n, p in clip.named_parameters() if not n.startswith("vision_model")]
             groups += [{"params": vision, "scale": args.vision_lr_scale},
                        {"params": heads, "scale": args.vision_lr_scale}]
@@ -405,10 +418,11 @@ def main(argv: list[str] | None = None) -> None:
                         for i, head in enumerate(aux_heads))
                 if tune_vision:
                     ids, text_mask = caption_ids(processor, scenes + clip_only)
-                    both = torch.cat([pix, pixels([s.image for s in clip_only], processor.image_processor).to(device)]
-                                     ) if clip_only else pix
-                    contrastive = clip(input_ids=ids.to(device), attention_mask=text_mask.to(device),
-                                       pixel_values=both, return_loss=True).loss
+                    pooled = encoded.pop("pooled")
+                    if clip_only:
+                        alone = pixels([s.image for s in clip_only], processor.image_processor).to(device)
+                        pooled = torch.cat([pooled, clip.vision_model(pixel_values=alone).pooler_output])
+                    contrastive = contrastive_loss(clip, pooled, ids.to(device), text_mask.to(device))
                     loss = loss + args.clip_weight * contrastive
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -426,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
                 log(log_path, record)
             if (step + 1) % args.save_every == 0:
                 save(stage_name, step + 1, optimizer)
-        save(stages[stages.index(stage_name) + 1], 0, optimizer)
+        if tune_vision:
+            cls_hook.remove()
+        # the last stage stays open at its final step: a resume with more --qa-steps trains on from there
+        save(*(("qa", steps) if stage_name == "qa" else (stages[stages.index(stage_name) + 1], 0)), optimizer)
 
     model.eval()
     model.save_pretrained(out)
