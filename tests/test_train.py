@@ -104,3 +104,24 @@ def test_a_finished_run_trains_on_when_resumed_with_more_qa_steps(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 6
     phases = json.loads((tmp_path / "training.json").read_text())["phases"]
     assert [p["from"] for p in phases] == ["clip step 0", "qa step 4"]
+
+
+def test_jittered_layout_keeps_raster_order_and_the_text_follows_it():
+    rng = np.random.default_rng(0)
+    layouts = [train.jittered_layout(rng, 144) for _ in range(200)]
+    assert all(len(lay) == 144 and lay == sorted(lay) and lay[0] >= 0 for lay in layouts)
+    spans = [lay[-1] + 1 for lay in layouts]
+    assert 16 <= min(spans) <= 30 and 144 < max(spans) <= 162
+    tokenizer = train.llava_processor(synthetic.vocabulary(), 32, 8).tokenizer
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    qa = [("what color is the circle ?", "red")]
+    _, _, turn, default = train.encode_turns(tokenizer, qa, 16, image_token)
+    layout = [0, 0, 1, 3, 3, 3, 4, 6, 7, 7, 8, 9, 9, 9, 10, 12]
+    ids, _, _, positions = train.encode_turns(tokenizer, qa, 16, image_token, layout)
+    image = [i for i, t in enumerate(ids) if t == image_token]
+    start = default[image[0]]
+    assert [default[i] for i in image] == list(range(start, start + 16))
+    assert [positions[i] for i in image] == [start + p for p in layout]
+    text = [i for i, t in enumerate(turn) if t == 1]
+    assert [positions[i] for i in text] == list(range(start + 13, start + 13 + len(text)))
+    assert [default[i] for i in text] == list(range(start + 16, start + 16 + len(text)))
