@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--dev", type=int, default=280, help="dev questions per evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training forwards (about 2x faster steps on CPU after a few minutes of "
+                        "compiling; the same computation)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast for matmuls (CPU AMX / GPU); weights stay fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -304,7 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     model = LlavaForConditionalGeneration(config).to(device)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     clip = clip_model(processor, config).to(device)
-    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads", "device")}
+    # training forwards only (compiled graphs share the parameters); evaluation, generate and saving stay eager
+    train_forward = torch.compile(model) if args.compile else model
+    vision_forward = torch.compile(model.model.vision_tower) if args.compile else model.model.vision_tower
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads", "device", "compile")}
     state = {"stage": "clip", "step": 0, "elapsed": 0.0, "phases": []}
     optimizer_state = aux_state = aux_heads = None
     if args.resume and ckpt_path.exists():
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
                     "scale", 1.0) * rewarm
             pix = pixels([s.image for s in scenes], processor.image_processor).to(device)
             with autocast:
-                loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                loss = train_forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), pixel_values=pix,
                              labels=labels.to(device)).loss
                 if aux_heads is not None:
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
                     pooled = encoded.pop("pooled")
                     if clip_only:
                         alone = pixels([s.image for s in clip_only], processor.image_processor).to(device)
-                        pooled = torch.cat([pooled, clip.vision_model(pixel_values=alone).pooler_output])
+                        pooled = torch.cat([pooled, vision_forward(pixel_values=alone).pooler_output])
                     contrastive = contrastive_loss(clip, pooled, ids.to(device), text_mask.to(device))
                     loss = loss + args.clip_weight * contrastive
             loss.backward()
