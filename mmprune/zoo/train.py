@@ -17,7 +17,9 @@ Three stages, as LLaVA-1.5 is built:
    learning rate) with its CLIP loss kept on the batch's captions: a 2.7M-parameter CLIP trained for minutes does
    not expose what questions need as well as OpenAI's CLIP does, and the kept contrastive objective keeps [CLS]
    a contrastive summary of the scene. ``--clip-extra`` adds scenes (and their twins) to that contrastive loss
-   alone: vision steps for what the encoder learns last, without LLM steps.
+   alone: vision steps for what the encoder learns last, without LLM steps. ``--position-jitter`` gives most
+   rows a random layout of image-token position ids (:func:`jittered_layout`), so places are read from features
+   and renumbering pre-LLM pruning does not erase them.
 
 An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the
 synthetic generator (training stream of the seed; the benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
