@@ -125,3 +125,20 @@ def test_jittered_layout_keeps_raster_order_and_the_text_follows_it():
     text = [i for i, t in enumerate(turn) if t == 1]
     assert [positions[i] for i in text] == list(range(start + 13, start + 13 + len(text)))
     assert [default[i] for i in text] == list(range(start + 16, start + 16 + len(text)))
+
+
+def test_family_weights_shift_the_training_questions_and_bad_weights_are_refused(capsys):
+    def share_of_exist(weights):
+        rng = np.random.default_rng(0)
+        asked = [q for _ in range(150) for q, _ in train.training_turns(rng, 32, 4, 0.0, weights)[1]]
+        return sum(q.startswith("is there") for q in asked) / len(asked)
+
+    uniform = share_of_exist(None)
+    weights = [6.0 if f == "exist" else 1.0 for f in synthetic.FAMILIES]
+    assert share_of_exist([w / sum(weights) for w in weights]) > 2 * uniform
+    assert train.family_weights_arg("exist=2,count=1.5") == {"exist": 2.0, "count": 1.5}
+    for bad, message in (("colour=2", "unknown family 'colour'"), ("exist=x", "must be a number"),
+                         ("exist=0", "must be > 0")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", "unused", "--family-weights", bad])
+        assert message in capsys.readouterr().err

@@ -19,7 +19,8 @@ Three stages, as LLaVA-1.5 is built:
    a contrastive summary of the scene. ``--clip-extra`` adds scenes (and their twins) to that contrastive loss
    alone: vision steps for what the encoder learns last, without LLM steps. ``--position-jitter`` gives most
    rows a random layout of image-token position ids (:func:`jittered_layout`), so places are read from features
-   and renumbering pre-LLM pruning does not erase them.
+   and renumbering pre-LLM pruning does not erase them. ``--family-weights`` asks some question families more
+   often than the benchmark does (the families a run is weakest at).
 
 An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the
 synthetic generator (training stream of the seed; the benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
@@ -64,17 +65,23 @@ def pixels(images, image_processor) -> torch.Tensor:
     return torch.from_numpy(((array - mean) / std).transpose(0, 3, 1, 2).copy())
 
 
-def training_turns(rng, size: int, turns: int, caption_prob: float) -> tuple:
-    """A scene and up to ``turns`` distinct (question, answer) pairs about it, one per family first."""
-    family = synthetic.FAMILIES[int(rng.integers(len(synthetic.FAMILIES)))]
-    scene = synthetic.scene_for(rng, family, size)
+def training_turns(rng, size: int, turns: int, caption_prob: float, weights: list[float] | None = None) -> tuple:
+    """A scene and up to ``turns`` distinct (question, answer) pairs about it. Families (of the scene and of each
+    question) are drawn uniformly, as in the benchmark, or with probabilities ``weights`` (one per family)."""
+
+    def family() -> str:
+        if weights is None:
+            return synthetic.FAMILIES[int(rng.integers(len(synthetic.FAMILIES)))]
+        return synthetic.FAMILIES[int(rng.choice(len(synthetic.FAMILIES), p=weights))]
+
+    scene = synthetic.scene_for(rng, family(), size)
     qa: dict[str, str] = {}
     if rng.random() < caption_prob:
         qa["describe the image ."] = synthetic.caption(scene)
     for _ in range(3 * turns):
         if len(qa) >= turns:
             break
-        asked = synthetic.ask(rng, scene, synthetic.FAMILIES[int(rng.integers(len(synthetic.FAMILIES)))])
+        asked = synthetic.ask(rng, scene, family())
         if asked is not None:
             qa.setdefault(asked[0], asked[1][0])
     order = list(qa.items())
@@ -251,6 +258,22 @@ def log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def family_weights_arg(text: str) -> dict[str, float]:
+    """``family=weight,...`` -> {family: weight}; unnamed families weigh 1."""
+    weights = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in synthetic.FAMILIES:
+            raise argparse.ArgumentTypeError(f"unknown family {name!r}; allowed: {', '.join(synthetic.FAMILIES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {name!r} must be a number, got {value!r}") from None
+        if not weights[name] > 0:
+            raise argparse.ArgumentTypeError(f"weight of {name!r} must be > 0, got {value}")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -284,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-until", type=int, default=0,
                    help="qa steps before which a per-token auxiliary loss (object colour/shape/size) is added")
     p.add_argument("--aux-weight", type=float, default=0.3)
+    p.add_argument("--family-weights", type=family_weights_arg, default=None,
+                   help="training share of question families, e.g. exist=2,count=1.5 (others 1; default: uniform, "
+                        "as the benchmark)")
     p.add_argument("--position-jitter", type=float, default=0.8,
                    help="share of training rows whose image tokens get a random position layout (jittered_layout)")
     p.add_argument("--eval-every", type=int, default=500)
@@ -298,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    family_weights = None
+    if args.family_weights:
+        raw = [args.family_weights.get(f, 1.0) for f in synthetic.FAMILIES]
+        family_weights = [w / sum(raw) for w in raw]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -419,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             rng = np.random.default_rng([args.seed, step, TRAIN_STREAM, stages.index(stage_name)])
             rows, scenes, clip_only = [], [], []  # clip_only: images for the contrastive loss alone
             for _ in range(args.batch):
-                scene, qa = training_turns(rng, args.image_size, args.turns, caption_prob)
+                scene, qa = training_turns(rng, args.image_size, args.turns, caption_prob, family_weights)
                 jitter = args.position_jitter and rng.random() < args.position_jitter
                 layout = jittered_layout(rng, image_tokens) if jitter else None
                 rows.append(encode_turns(processor.tokenizer, qa, image_tokens, config.image_token_id, layout))
