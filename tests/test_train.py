@@ -84,7 +84,6 @@ def test_packed_turn_is_the_processors_single_turn_prompt(tmp_path):
     assert [labels[i] for i in second if labels[i] != -100] == answer
 
 
-
 def test_contrastive_loss_from_encoded_images_is_clipmodels_loss():
     torch.manual_seed(0)
     tiny = argparse.Namespace(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,

@@ -120,7 +120,7 @@ def jittered_layout(rng, image_tokens: int) -> list[int]:
     of ``image_tokens // 9`` to ``1.125 * image_tokens`` positions (sorted draws: gaps where the span is longer
     than the image, shared positions where it is shorter). Without it the LLM reads an object's place from the
     token's position in the sequence rather than from its features, and pre-LLM pruning, which renumbers the kept
-    tokens as FasterVLM's and VisionZip's code do, then erases every location (on a model trained without it, a
+    tokens as FasterVLM's and VisionZip's code do, then loses most locations (on a model trained without it, a
     renumbered 33% keep answered location questions at 30% against 80% unpruned; with the original positions, 80%).
     LLaVA-1.5 reads places from CLIP's features: those papers lose little to renumbering."""
     span = int(rng.integers(max(1, image_tokens // 9), image_tokens + image_tokens // 8 + 1))
