@@ -141,3 +141,17 @@ def test_family_weights_shift_the_training_questions_and_bad_weights_are_refused
         with pytest.raises(SystemExit):
             train.main(["--out", "unused", "--family-weights", bad])
         assert message in capsys.readouterr().err
+
+
+def test_aux_targets_pick_the_auxiliary_heads_and_unknown_targets_are_refused(tmp_path, capsys):
+    assert train.aux_targets_arg("column,row") == ["row", "column"]  # patch_targets' column order
+    at = TINY.index("--aux-until")
+    args = TINY[:at] + ["--aux-until", "4"] + TINY[at + 2:] + ["--out", str(tmp_path)]  # aux on to the end
+    train.main(args + ["--aux-targets", "row,column"])
+    aux = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["aux"]
+    assert aux["targets"] == ["row", "column"]
+    grid = 32 // 8
+    assert [aux["heads"][f"{i}.weight"].shape[0] for i in range(2)] == [grid, grid] and "2.weight" not in aux["heads"]
+    with pytest.raises(SystemExit):
+        train.main(args + ["--aux-targets", "row,depth"])
+    assert "unknown auxiliary target(s) 'depth'; allowed: colour, shape, size, row, column" in capsys.readouterr().err

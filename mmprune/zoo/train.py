@@ -22,9 +22,10 @@ Three stages, as LLaVA-1.5 is built:
    and renumbering pre-LLM pruning does not erase them. ``--family-weights`` asks some question families more
    often than the benchmark does (the families a run is weakest at).
 
-An auxiliary per-token loss is optional and early only (``--aux-until``). Data are drawn on the fly from the
-synthetic generator (training stream of the seed; the benchmark and the dev set use other streams). A checkpoint is written every ``--save-every`` steps and at each
-stage's end; ``--resume`` continues from it. The finished model and its processor are saved with
+An auxiliary per-token loss is optional and stops at qa step ``--aux-until``, after which training goes on
+without it; ``--aux-targets row,column`` asks each visual token only where it is, not what covers it. Data are
+drawn on the fly from the synthetic generator (training stream of the seed; the benchmark and the dev set use
+other streams). A checkpoint is written every ``--save-every`` steps and at each stage's end; ``--resume`` continues from it. The finished model and its processor are saved with
 ``save_pretrained`` (safetensors) into ``--out``, with ``training.json`` (recipe, wall time, machine) and, when a
 run was resumed with other settings, every phase's settings and the step it started at.
 """
@@ -258,6 +259,19 @@ def log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+AUX_TARGETS = ("colour", "shape", "size", "row", "column")  # the columns of patch_targets
+
+
+def aux_targets_arg(text: str) -> list[str]:
+    """``row,column`` -> the per-token labels the auxiliary loss predicts, in patch_targets' column order."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in AUX_TARGETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown auxiliary target(s) {', '.join(map(repr, unknown))}; "
+                                         f"allowed: {', '.join(AUX_TARGETS)}")
+    return [t for t in AUX_TARGETS if t in names]
+
+
 def family_weights_arg(text: str) -> dict[str, float]:
     """``family=weight,...`` -> {family: weight}; unnamed families weigh 1."""
     weights = {}
@@ -305,8 +319,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="contrastive batches pair each scene with a twin differing in one shape or colour")
     p.add_argument("--clip-weight", type=float, default=0.5, help="weight of the CLIP loss in the qa stage")
     p.add_argument("--aux-until", type=int, default=0,
-                   help="qa steps before which a per-token auxiliary loss (object colour/shape/size) is added")
+                   help="qa step before which a per-token auxiliary loss (--aux-targets) is added")
     p.add_argument("--aux-weight", type=float, default=0.3)
+    p.add_argument("--aux-targets", type=aux_targets_arg, default=list(AUX_TARGETS),
+                   help="what the auxiliary loss reads from each visual token, a subset of "
+                        f"{','.join(AUX_TARGETS)} (default: all); row,column alone teach a patch where it is, "
+                        "not what covers it")
     p.add_argument("--family-weights", type=family_weights_arg, default=None,
                    help="training share of question families, e.g. exist=2,count=1.5 (others 1; default: uniform, "
                         "as the benchmark)")
@@ -363,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     def save(stage: str, step: int, optimizer) -> None:
         state.update(stage=stage, step=step, elapsed=time.time() - started)
         torch.save({"model": model.state_dict(), "clip": clip.state_dict(), "state": state,
-                    "optimizer": optimizer.state_dict(), "aux": aux_heads.state_dict() if aux_heads else None},
+                    "optimizer": optimizer.state_dict(), "aux": {"targets": args.aux_targets, "heads": aux_heads.state_dict()} if aux_heads else None},
                    ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
@@ -419,15 +437,18 @@ def main(argv: list[str] | None = None) -> None:
             params += vision + heads
         aux_heads = None
         if stage_name == "qa" and args.aux_until > state["step"]:
-            # early-training aid: linear heads read each visual token's own object and its place in the grid from
-            # the LLM input (dropped after --aux-until steps: such losses make every patch carry its object's
-            # identity, which flatters random selection; the report measures what remains)
+            # training aid: linear heads read --aux-targets of each visual token (its object's colour/shape/size,
+            # its place in the grid) from the LLM input; dropped at --aux-until: object targets make every patch
+            # carry its object's identity, which flatters random selection; the report measures what remains)
             dim = config.text_config.hidden_size
             grid = int(image_tokens ** 0.5)
-            aux_heads = torch.nn.ModuleList([torch.nn.Linear(dim, n + 1) for n in (
-                len(synthetic.COLOURS), len(synthetic.SHAPES), len(synthetic.SIZES), grid - 1, grid - 1)]).to(device)
-            if aux_state is not None:
-                aux_heads.load_state_dict(aux_state)
+            classes = dict(zip(AUX_TARGETS, (len(synthetic.COLOURS) + 1, len(synthetic.SHAPES) + 1,
+                                             len(synthetic.SIZES) + 1, grid, grid)))
+            aux_columns = [AUX_TARGETS.index(t) for t in args.aux_targets]
+            aux_heads = torch.nn.ModuleList([torch.nn.Linear(dim, classes[t]) for t in args.aux_targets]).to(device)
+            # checkpoints before --aux-targets hold the five heads' weights alone
+            if aux_state is not None and aux_state.get("targets", list(AUX_TARGETS)) == args.aux_targets:
+                aux_heads.load_state_dict(aux_state.get("heads", aux_state))
             groups.append({"params": list(aux_heads.parameters()), "scale": 1.0})
             captured = {}
             aux_hook = model.model.multi_modal_projector.register_forward_hook(
@@ -475,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                     targets = patch_targets(scenes, int(image_tokens ** 0.5)).to(device)
                     loss = loss + args.aux_weight * sum(
                         torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1), targets[..., i].flatten())
-                        for i, head in enumerate(aux_heads))
+                        for i, head in zip(aux_columns, aux_heads))
                 if tune_vision:
                     ids, text_mask = caption_ids(processor, scenes + clip_only)
                     pooled = encoded.pop("pooled")
