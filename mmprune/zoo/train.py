@@ -25,9 +25,10 @@ Three stages, as LLaVA-1.5 is built:
 An auxiliary per-token loss is optional and stops at qa step ``--aux-until``, after which training goes on
 without it; ``--aux-targets row,column`` asks each visual token only where it is, not what covers it. Data are
 drawn on the fly from the synthetic generator (training stream of the seed; the benchmark and the dev set use
-other streams). A checkpoint is written every ``--save-every`` steps and at each stage's end; ``--resume`` continues from it. The finished model and its processor are saved with
-``save_pretrained`` (safetensors) into ``--out``, with ``training.json`` (recipe, wall time, machine) and, when a
-run was resumed with other settings, every phase's settings and the step it started at.
+other streams). A checkpoint is written every ``--save-every`` steps and at each stage's end; ``--resume``
+continues from it. The finished model and its processor are saved with ``save_pretrained`` (safetensors) into
+``--out``, with ``training.json`` (recipe, wall time, machine) and, when a run was resumed with other settings,
+every phase's settings and the step it started at.
 """
 
 from __future__ import annotations
@@ -380,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(stage: str, step: int, optimizer) -> None:
         state.update(stage=stage, step=step, elapsed=time.time() - started)
+        aux = {"targets": args.aux_targets, "heads": aux_heads.state_dict()} if aux_heads else None
         torch.save({"model": model.state_dict(), "clip": clip.state_dict(), "state": state,
-                    "optimizer": optimizer.state_dict(), "aux": {"targets": args.aux_targets, "heads": aux_heads.state_dict()} if aux_heads else None},
+                    "optimizer": optimizer.state_dict(), "aux": aux},
                    ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         if stage_name == "qa" and args.aux_until > state["step"]:
             # training aid: linear heads read --aux-targets of each visual token (its object's colour/shape/size,
             # its place in the grid) from the LLM input; dropped at --aux-until: object targets make every patch
-            # carry its object's identity, which flatters random selection; the report measures what remains)
+            # carry its object's identity, which flatters random selection; the report measures what remains
             dim = config.text_config.hidden_size
             grid = int(image_tokens ** 0.5)
             classes = dict(zip(AUX_TARGETS, (len(synthetic.COLOURS) + 1, len(synthetic.SHAPES) + 1,
