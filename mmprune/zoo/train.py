@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
                                              len(synthetic.SIZES) + 1, grid, grid)))
             aux_columns = [AUX_TARGETS.index(t) for t in args.aux_targets]
             aux_heads = torch.nn.ModuleList([torch.nn.Linear(dim, classes[t]) for t in args.aux_targets]).to(device)
-            # checkpoints before --aux-targets hold the five heads' weights alone
+            # heads saved for other targets are not reused (fresh heads); checkpoints from before --aux-targets
+            # hold the five heads' weights alone
             if aux_state is not None and aux_state.get("targets", list(AUX_TARGETS)) == args.aux_targets:
                 aux_heads.load_state_dict(aux_state.get("heads", aux_state))
             groups.append({"params": list(aux_heads.parameters()), "scale": 1.0})
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                                      labels=labels.to(device)).loss
                 if aux_heads is not None:
                     tokens = captured["tokens"].float()  # (B, N, D) projected visual tokens
-                    targets = patch_targets(scenes, int(image_tokens ** 0.5)).to(device)
+                    targets = patch_targets(scenes, grid).to(device)
                     loss = loss + args.aux_weight * sum(
                         torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1), targets[..., i].flatten())
                         for i, head in zip(aux_columns, aux_heads))
