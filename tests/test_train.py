@@ -155,3 +155,18 @@ def test_aux_targets_pick_the_auxiliary_heads_and_unknown_targets_are_refused(tm
     with pytest.raises(SystemExit):
         train.main(args + ["--aux-targets", "row,depth"])
     assert "unknown auxiliary target(s) 'depth'; allowed: colour, shape, size, row, column" in capsys.readouterr().err
+
+
+def test_stop_at_ends_the_qa_stage_early_on_the_longer_schedule(tmp_path, monkeypatch, capsys):
+    schedules = []
+    real_lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, steps, *rest: schedules.append(steps) or real_lr_at(
+        step, steps, *rest))
+    train.main(TINY + ["--out", str(tmp_path), "--qa-steps", "6", "--stop-at", "3"])
+    assert steps_logged(tmp_path, "qa")[-1] == 2 and schedules[-3:] == [6, 6, 6]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    assert json.loads((tmp_path / "training.json").read_text())["recipe"]["stop_at"] == 3
+    LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(SystemExit):
+        train.main(["--out", "unused", "--qa-steps", "6", "--stop-at", "7"])
+    assert "--stop-at 7: must be a qa step in 1..--qa-steps (6)" in capsys.readouterr().err

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip-lr", type=float, default=1e-3)
     p.add_argument("--align-steps", type=int, default=600)
     p.add_argument("--qa-steps", type=int, default=5000)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end the qa stage after this many qa steps; the learning-rate schedule still spans "
+                        "--qa-steps (how the shipped weights were taken from a longer schedule)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--turns", type=int, default=8)
@@ -343,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    if args.stop_at is not None and not 0 < args.stop_at <= args.qa_steps:
+        p.error(f"--stop-at {args.stop_at}: must be a qa step in 1..--qa-steps ({args.qa_steps})")
     family_weights = None
     if args.family_weights:
         raw = [args.family_weights.get(f, 1.0) for f in synthetic.FAMILIES]
@@ -465,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                     group["scale"] = built["scale"]  # this run's --vision-lr-scale, not the checkpoint's
                 warm_from = 0
             optimizer_state = None  # else: a new parameter set (vision unfrozen, aux dropped): fresh moments
-        for step in range(state["step"], steps):
+        end = min(steps, args.stop_at) if stage_name == "qa" and args.stop_at is not None else steps
+        for step in range(state["step"], end):
             if aux_heads is not None and step == args.aux_until:
                 aux_hook.remove()
                 aux_heads = None
@@ -514,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             record = {"stage": stage_name, "step": step, "loss": round(loss.item(), 4),
                       "elapsed": round(time.time() - started)}
-            if step % args.eval_every == 0 or step == steps - 1:
+            if step % args.eval_every == 0 or step == end - 1:
                 model.eval()
                 with autocast:
                     result = evaluate(model, processor, dev, batch_size=70)
@@ -527,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         if tune_vision:
             cls_hook.remove()
         # the last stage stays open at its final step: a resume with more --qa-steps trains on from there
-        save(*(("qa", steps) if stage_name == "qa" else (stages[stages.index(stage_name) + 1], 0)), optimizer)
+        last = ("qa", max(end, state["step"])) if stage_name == "qa" else (stages[stages.index(stage_name) + 1], 0)
+        save(*last, optimizer)
 
     model.eval()
     model.save_pretrained(out)
