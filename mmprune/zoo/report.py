@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(SHIPPED_MODEL))
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="where to write report.json (default: the model folder)")
+    p.add_argument("--out", default=None, help="folder to write report.json into (created if missing; default: "
+                                                  "the model folder)")
     args = p.parse_args(argv)
     report = measure(args.model, args.n, args.seed)
-    out = Path(args.out or args.model) / "report.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
-    print(f"\nwritten {out}")
+    out = Path(args.out or args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten {out / 'report.json'}")
 
 
 if __name__ == "__main__":
