@@ -93,10 +93,12 @@ def test_missing_model(image_file, tmp_path, capsys):
     assert "could not be loaded" in capsys.readouterr().err
 
 
-def test_demo_runs_offline(tmp_path, capsys):
+def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
     from mmprune import demo
 
-    demo.main(["--out", str(tmp_path)])
+    demo.main(["--out", str(tmp_path), "--questions", "14"])
     out = capsys.readouterr().out
-    assert "RANDOM-WEIGHT" in out and "144->16" in out
+    table = out[out.index("method "):].splitlines()[1:1 + 1 + len(demo.METHODS)]
+    assert [row.split()[0] for row in table] == ["none", *demo.METHODS]
+    assert [row.split()[1] for row in table] == ["144"] + ["16"] * len(demo.METHODS)
     assert sorted(p.name for p in tmp_path.glob("kept_*.png")) == [f"kept_{m}.png" for m in sorted(demo.METHODS)]
