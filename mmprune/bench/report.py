@@ -92,35 +92,38 @@ def plots(rows: list[dict], out: Path) -> dict[str, Path]:
 
     ok = [r for r in rows if r["status"] == "ok" and r["method"] != "none"]
     methods = list(dict.fromkeys(r["method"] for r in ok))
+    # one colour and marker per method across the three plots; tab20 keeps 20 methods apart (the default cycle, 10)
+    colour = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    marker = {m: "os^vDP*Xph<>"[i % 12] for i, m in enumerate(methods)}
     tokens_axis = "visual tokens (equivalent average over layers)"
 
     def finish(fig, ax, name: str, ylabel: str, xlabel: str | None = tokens_axis) -> Path:
         if xlabel:
             ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # beside the axes: a dozen methods would cover the points
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         return out / name
 
     paths = {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for method in methods:
         points = sorted((r["equivalent_tokens"], 100 * r["retention"]) for r in ok if r["method"] == method)
         dashed = any(r.get("baseline") for r in ok if r["method"] == method)
-        ax.plot(*zip(*points), "--" if dashed else "-", marker="o", label=method)
+        ax.plot(*zip(*points), "--" if dashed else "-", marker=marker[method], color=colour[method], label=method)
     ax.axhline(100, color="grey", lw=0.8)
     paths["plot_retention"] = finish(fig, ax, "retention_vs_tokens.png", "accuracy retained (%)")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, method in enumerate(methods):
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for method in methods:
         points = sorted((r["equivalent_tokens"], r["prefill_speedup"], r["flops_speedup"]) for r in ok
                         if r["method"] == method)
-        color = f"C{i % 10}"
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-", marker="o", color=color, label=method)
-        ax.plot([p[0] for p in points], [p[2] for p in points], ":", color=color)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", marker=marker[method], color=colour[method],
+                label=method)
+        ax.plot([p[0] for p in points], [p[2] for p in points], ":", color=colour[method])
     paths["plot_speedup"] = finish(fig, ax, "speedup_vs_tokens.png",
                                    "prefill speedup (solid: measured, dotted: FLOPs)")
 
@@ -130,7 +133,7 @@ def plots(rows: list[dict], out: Path) -> dict[str, Path]:
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         values = [100 * smallest[method]["family_retention"].get(f, math.nan) for f in families]
-        ax.bar([j + i * width for j in range(len(families))], values, width, label=method)
+        ax.bar([j + i * width for j in range(len(families))], values, width, color=colour[method], label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families, rotation=20, fontsize=8)
     paths["plot_families"] = finish(fig, ax, "family_retention.png", "accuracy retained at the smallest budget (%)",
                                     xlabel=None)
