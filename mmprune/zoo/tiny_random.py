@@ -1,5 +1,5 @@
-"""A tiny random-weight LLaVA with a real processor, saved to disk: the demo model until the project ships a
-trained one. Its answers are meaningless; it exercises the full HF path (processor -> generate) offline."""
+"""A tiny random-weight LLaVA with a real processor, saved to disk, for tests that need a model folder fast. Its
+answers are meaningless; it exercises the full HF path (processor -> generate) offline."""
 
 from __future__ import annotations
 
