@@ -44,6 +44,15 @@ def answer(model, processor, images, questions: list[str], pruner=None, max_new_
             "stats": pruner.stats if pruner is not None else None, "text_tokens": text_tokens}
 
 
+def family_accuracy(samples, answers: list[str]) -> dict:
+    """{"accuracy", "families": {family: accuracy}}: each answer scored by its sample's metric."""
+    per_family = defaultdict(list)
+    for s, a in zip(samples, answers):
+        per_family[s.family].append(score(a, s.answers, s.metric))
+    correct = [ok for oks in per_family.values() for ok in oks]
+    return {"accuracy": sum(correct) / len(correct), "families": {f: sum(v) / len(v) for f, v in per_family.items()}}
+
+
 def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_new_tokens: int = 4,
              timed: bool = False) -> dict:
     """Accuracy overall and per family: {"accuracy", "families": {family: accuracy}, "answers", "prefill_s",
@@ -61,11 +70,5 @@ def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_n
             kept += final_kept(out["stats"])
             sample_stats += out["stats"]["samples"]
             selection_ms += out["stats"]["selection_ms"]
-    per_family = defaultdict(list)
-    for s, a in zip(samples, answers):
-        per_family[s.family].append(score(a, s.answers, s.metric))
-    correct = [ok for oks in per_family.values() for ok in oks]
-    return {"accuracy": sum(correct) / len(correct),
-            "families": {f: sum(v) / len(v) for f, v in per_family.items()},
-            "answers": answers, "prefill_s": prefill, "kept": kept, "sample_stats": sample_stats,
-            "text_tokens": text_tokens, "selection_ms": selection_ms}
+    return {**family_accuracy(samples, answers), "answers": answers, "prefill_s": prefill, "kept": kept,
+            "sample_stats": sample_stats, "text_tokens": text_tokens, "selection_ms": selection_ms}

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 import mmprune
-from mmprune.bench.accuracy import evaluate
+from mmprune.bench.accuracy import evaluate, family_accuracy
+from mmprune.bench.sweep import relevant_recall
 from mmprune.data import synthetic
 from mmprune.engine.tokens import Selection, VisualTokens
 from mmprune.methods.base import PreLLMPruner
@@ -63,31 +64,24 @@ def relevant_patches(sample, image_size: int, grid: int) -> list[list[int]]:
 
 
 def coverage(samples, kept: list[list[list[int]]], image_size: int, grid: int) -> dict[str, float]:
-    """Share of relevant objects with >= 1 kept patch, and share of relevant patches kept."""
-    hit, objects, kept_patches, patches = 0, 0, 0, 0
+    """Share of relevant objects with >= 1 kept patch, and share of relevant patches kept (the bench's recall)."""
+    hit = objects = 0
     for s, kept_sets in zip(samples, kept):
         chosen = set(kept_sets[0])
         for cells in relevant_patches(s, image_size, grid):
             objects += 1
             hit += bool(chosen & set(cells))
-            kept_patches += len(chosen & set(cells))
-            patches += len(cells)
-    return {"objects_covered": hit / objects, "patches_kept": kept_patches / patches}
+    return {"objects_covered": hit / objects, "patches_kept": relevant_recall(samples, kept, grid, image_size)}
 
 
 def run_batched(model, processor, samples, pruner_for_chunk, batch_size: int) -> dict:
-    """``evaluate`` over chunks, each with its own pruner (kept sets that depend on the samples)."""
-    answers, kept = [], []
+    """``evaluate`` over chunks, each with its own pruner (kept sets that depend on the samples): accuracy overall
+    and per family."""
+    answers = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        out = evaluate(model, processor, chunk, pruner=pruner_for_chunk(chunk), batch_size=batch_size)
-        answers += out["answers"]
-        kept += out["kept"]
-    per_family = defaultdict(list)
-    for s, a in zip(samples, answers):
-        per_family[s.family].append(synthetic.is_correct(a, s.answers))
-    flat = [ok for oks in per_family.values() for ok in oks]
-    return {"accuracy": sum(flat) / len(flat), "families": {f: sum(v) / len(v) for f, v in per_family.items()}}
+        answers += evaluate(model, processor, chunk, pruner=pruner_for_chunk(chunk), batch_size=batch_size)["answers"]
+    return family_accuracy(samples, answers)
 
 
 def measure(model_path: str | Path = SHIPPED_MODEL, n: int = 1000, seed: int = 0, batch_size: int = 50) -> dict:
@@ -130,8 +124,8 @@ def measure(model_path: str | Path = SHIPPED_MODEL, n: int = 1000, seed: int = 0
     report["locality"] = {
         "object_patches_only": run_batched(model, processor, objects, own, batch_size),
         "other_patches_only": run_batched(model, processor, objects, others, batch_size),
-        "all_patches": {"accuracy": float(np.mean([synthetic.is_correct(a, s.answers) for s, a in
-                                                   zip(samples, clean["answers"]) if s.family in OBJECT_FAMILIES]))},
+        "all_patches": family_accuracy(objects, [a for s, a in zip(samples, clean["answers"])
+                                                 if s.family in OBJECT_FAMILIES]),
     }
 
     budget = max(1, round(tokens * 64 / 576))
