@@ -170,3 +170,29 @@ def test_stop_at_ends_the_qa_stage_early_on_the_longer_schedule(tmp_path, monkey
     with pytest.raises(SystemExit):
         train.main(["--out", "unused", "--qa-steps", "6", "--stop-at", "7"])
     assert "--stop-at 7: must be a qa step in 1..--qa-steps (6)" in capsys.readouterr().err
+
+
+def test_position_shuffle_puts_image_positions_out_of_order_and_the_text_after_the_largest(tmp_path, monkeypatch,
+                                                                                          capsys):
+    layouts, real_encode = [], train.encode_turns
+
+    def recording(tokenizer, qa, image_tokens, image_token_id, image_positions=None):
+        out = real_encode(tokenizer, qa, image_tokens, image_token_id, image_positions)
+        layouts.append((image_positions, out[3], out[2]))
+        return out
+
+    monkeypatch.setattr(train, "encode_turns", recording)
+    train.main(TINY + ["--out", str(tmp_path), "--position-jitter", "1", "--position-shuffle", "1"])
+    shuffled = [lay for lay, _, _ in layouts if lay is not None]
+    assert len(shuffled) == 3 * (2 + 4)  # every row of batch 3 over 2 align and 4 qa steps
+    assert sum(lay != sorted(lay) for lay in shuffled) >= 16  # 16 positions in random order
+    for layout, positions, turn in layouts:
+        if layout is not None:  # the prefix ends with the image tokens; each turn starts right after the largest
+            prefix = [p for p, t in zip(positions, turn) if t == 0]
+            assert prefix[-16:] == [prefix[-17] + 1 + q for q in layout]
+            assert min(p for p, t in zip(positions, turn) if t == 1) == max(prefix) + 1
+    assert json.loads((tmp_path / "training.json").read_text())["recipe"]["position_shuffle"] == 1.0
+    for flag in ("--position-shuffle", "--position-jitter"):
+        with pytest.raises(SystemExit):
+            train.main(["--out", "unused", flag, "1.5"])
+        assert f"{flag} 1.5: must be a share of rows in 0..1" in capsys.readouterr().err

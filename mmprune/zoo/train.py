@@ -99,7 +99,7 @@ def encode_turns(tokenizer, qa: list[tuple[str, str]], image_tokens: int, image_
     the prefix, so with :func:`collate`'s mask (a turn sees the prefix and itself) each turn is exactly the
     single-turn prompt the processor writes (the test suite checks the first) and no answer leaks into another.
     ``image_positions``: the image tokens' position offsets (default ``0..image_tokens-1``, the processor's
-    layout; see :func:`jittered_layout`); the text goes on after the last of them."""
+    layout; see :func:`jittered_layout`); the text goes on after the largest of them."""
     texts = ["USER:"] + [t for question, answer in qa for t in (f"{question} ASSISTANT:", f"{answer} </s>")]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = encoded[0] + [image_token_id] * image_tokens
@@ -107,7 +107,7 @@ def encode_turns(tokenizer, qa: list[tuple[str, str]], image_tokens: int, image_
     ids, labels = list(prefix), [-100] * len(prefix)
     turn = [0] * len(prefix)
     positions = list(range(len(encoded[0]))) + [len(encoded[0]) + p for p in image_positions]
-    text_start = len(encoded[0]) + image_positions[-1] + 1
+    text_start = len(encoded[0]) + max(image_positions) + 1
     for j in range(len(qa)):
         prompt, answer = encoded[1 + 2 * j], encoded[2 + 2 * j]
         ids += prompt + answer
@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
                         "as the benchmark)")
     p.add_argument("--position-jitter", type=float, default=0.8,
                    help="share of training rows whose image tokens get a random position layout (jittered_layout)")
+    p.add_argument("--position-shuffle", type=float, default=0.0,
+                   help="share of the jittered rows whose image-token positions are also put in random order: "
+                        "the order of positions then tells nothing of above/below either, so the LLM must read "
+                        "both axes from the features (it read rows from the raster order and was weak at left/right)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--dev", type=int, default=280, help="dev questions per evaluation")
@@ -348,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.stop_at is not None and not 0 < args.stop_at <= args.qa_steps:
         p.error(f"--stop-at {args.stop_at}: must be a qa step in 1..--qa-steps ({args.qa_steps})")
+    for name in ("position_jitter", "position_shuffle"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a share of rows in 0..1")
     family_weights = None
     if args.family_weights:
         raw = [args.family_weights.get(f, 1.0) for f in synthetic.FAMILIES]
@@ -482,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
                 scene, qa = training_turns(rng, args.image_size, args.turns, caption_prob, family_weights)
                 jitter = args.position_jitter and rng.random() < args.position_jitter
                 layout = jittered_layout(rng, image_tokens) if jitter else None
+                if layout is not None and args.position_shuffle and rng.random() < args.position_shuffle:
+                    layout = [int(q) for q in rng.permutation(layout)]
                 rows.append(encode_turns(processor.tokenizer, qa, image_tokens, config.image_token_id, layout))
                 scene, *twin = with_twin(rng, scene, tune_vision and args.hard_negatives)
                 scenes.append(scene)
