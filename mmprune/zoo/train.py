@@ -19,7 +19,9 @@ Three stages, as LLaVA-1.5 is built:
    a contrastive summary of the scene. ``--clip-extra`` adds scenes (and their twins) to that contrastive loss
    alone: vision steps for what the encoder learns last, without LLM steps. ``--position-jitter`` gives most
    rows a random layout of image-token position ids (:func:`jittered_layout`), so places are read from features
-   and renumbering pre-LLM pruning does not erase them. ``--family-weights`` asks some question families more
+   and renumbering pre-LLM pruning does not erase them; those layouts keep raster order, from which the LLM
+   still reads above/below, and ``--position-shuffle`` puts a share of them out of order so that it must read
+   both axes from the features. ``--family-weights`` asks some question families more
    often than the benchmark does (the families a run is weakest at).
 
 An auxiliary per-token loss is optional and stops at qa step ``--aux-until``, after which training goes on
