@@ -116,10 +116,3 @@ def test_positions_original_on_llava_keeps_original_ids():
     # text 0..2, kept patches 0,2,8,10 at 3+{0,2,8,10}, text 19..22; decoding continues at 23
     assert seen[0][0].tolist() == [0, 1, 2, 3, 5, 11, 13, 19, 20, 21, 22]
     assert seen[1].tolist() == [[23]]
-
-
-def test_beam_search_is_refused_with_a_clear_error():
-    model = tiny_model("llava")
-    with mmprune.get("random").attach(model), pytest.raises(ValueError, match="num_beams > 1"):
-        with torch.no_grad():
-            model.generate(**tiny.batch("llava", [[3, ("img", 0), 4]]), max_new_tokens=2, num_beams=2)

@@ -63,6 +63,7 @@ def qwen2_vl(seed: int = 0, v25: bool = False):
 
 
 VISION_START, VISION_END = 93, 92
+VIDEO_TOKEN = 94
 
 
 def image_pixels(family: str, image_id: int) -> dict:
@@ -109,7 +110,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
         input_ids[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
     out = {"input_ids": input_ids, "attention_mask": mask}
-    for key in pixels[0]:
+    for key in (pixels[0] if pixels else ()):
         out[key] = torch.cat([p[key] for p in pixels])
     if qwen:
         out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import mmprune
+from mmprune import upstream
 from mmprune.bench.accuracy import evaluate, prompts
 from mmprune.bench.flops import Geometry, decode_flops, prefill_flops
 from mmprune.data.synthetic import box_patches
@@ -56,9 +57,8 @@ def timed_pair(model, inputs, pruner, reference, reps: int, decode_steps: int) -
             start = time.perf_counter()
             out = model(**inputs, use_cache=True)
             elapsed = time.perf_counter() - start
-        cache = out.past_key_values
-        kv = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                 for layer in cache.layers)
+        kv = sum(keys.numel() * keys.element_size() + values.numel() * values.element_size()
+                 for keys, values in upstream.cache_layer_tensors(upstream.output_cache(out)))
         return elapsed, kv, p.stats["selection_ms"]
 
     def end_to_end(p):

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
-
+from mmprune import upstream
 from mmprune.engine.sequence import ImageSpan, as_rows, compact_prefill
 from mmprune.engine.tokens import Selection
 
@@ -94,8 +93,16 @@ class StageContext:
 
     @property
     def model(self) -> nn.Module:
-        """The language model (``.layers``, ``.norm``, ``.rotary_emb``)."""
+        """The language model."""
         return self.runner.language_model
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` through the language model's final norm (what the LM head reads)."""
+        return upstream.final_norm(self.model)(hidden)
+
+    def scaling(self, layer: int) -> float:
+        """The attention scaling (``1/sqrt(head_dim)`` for most models) of decoder ``layer``."""
+        return upstream.attention_parts(upstream.decoder_layers(self.model)[layer]).scaling
 
     @property
     def scratch(self) -> dict:
@@ -140,9 +147,8 @@ class StageContext:
         ``(B, H, L, d)`` (GQA groups repeated; ``repeat=False``: the ``H_kv`` key heads) of decoder ``layer`` on its
         recorded input: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding
         (``rope=False`` skips it, as FEATHER)."""
-        block = self.model.layers[layer]
-        attn = block.self_attn
-        hidden = block.input_layernorm(self.layer_input(layer))
+        attn = upstream.attention_parts(upstream.decoder_layers(self.model)[layer])
+        hidden = attn.norm(self.layer_input(layer))
         batch, length, _ = hidden.shape
         head_dim = attn.head_dim
         if queries is None:
@@ -151,7 +157,7 @@ class StageContext:
         q = attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
         k = attn.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
         if rope:
-            cos, sin = self._rope(layer)
+            cos, sin = upstream.rope_tables(self.model, *self._rope(layer))
             # the model may have computed one (1, L) table for the whole batch
             cos, sin = cos.to(q.dtype).expand(batch, -1, -1), sin.to(q.dtype).expand(batch, -1, -1)
             cos_q = cos.gather(1, queries.unsqueeze(-1).expand(-1, -1, cos.shape[-1])).unsqueeze(1)
@@ -178,7 +184,7 @@ class StageContext:
         ``softmax(q k^T * scaling + causal/padding mask)`` in float32, equal to those rows of the eager
         attention weights (the model itself keeps its attention implementation)."""
         q, k = self.queries_keys(layer, queries, rope)
-        scaling = self.model.layers[layer].self_attn.scaling
+        scaling = self.scaling(layer)
         logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
         length = k.shape[2]
         keys = torch.arange(length, device=k.device)
@@ -213,9 +219,10 @@ class LayerRunner:
         self.layouts: list[StageLayout] = []
 
     def install(self) -> list:
-        for index, layer in enumerate(self.language_model.layers):
-            if getattr(layer, "attention_type", "full_attention") != "full_attention":
-                raise ValueError(f"{self.pruner.name}: decoder layer {index} uses {layer.attention_type}; in-LLM "
+        for index, layer in enumerate(upstream.decoder_layers(self.language_model)):
+            kind = upstream.layer_attention_type(layer)
+            if kind != "full_attention":
+                raise ValueError(f"{self.pruner.name}: decoder layer {index} uses {kind}; in-LLM "
                                  "pruning supports full-attention layers only")
             self.handles.append(layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True))
         return self.handles
@@ -325,12 +332,10 @@ class LayerRunner:
         self.mask = layout.compact_mask
         self.position_ids = new_positions
         rotary_ids, layer_ids = rope_inputs(as_rows(new_positions, hidden.shape[0]))
-        mask4d = create_causal_mask(config=self.language_model.config, inputs_embeds=new_hidden,
-                                    attention_mask=self.mask, past_key_values=self.cache, position_ids=None,
-                                    layer_idx=index)
+        mask4d = upstream.causal_mask(self.language_model.config, new_hidden, self.mask, self.cache, index)
         self.replacement = {
             "attention_mask": mask4d,
-            "position_embeddings": self.language_model.rotary_emb(new_hidden, rotary_ids),
+            "position_embeddings": upstream.rotary_embedding(self.language_model, new_hidden, rotary_ids),
             "position_ids": layer_ids,
         }
         self.layouts.append(StageLayout(layer=index, compact_mask=layout.compact_mask,
@@ -364,19 +369,17 @@ class LayerRunner:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, query = hidden.shape[0], hidden.shape[1]
-        steps = self.cache.get_seq_length(index) - layout.length
+        steps = upstream.cache_length(self.cache, index) - layout.length
         if self.step_mask is not None:
             tail = self.step_mask[:, self.base_length:].bool()
         else:
             tail = torch.ones(batch, steps + query, dtype=torch.bool, device=hidden.device)
         mask = torch.cat([layout.compact_mask, tail], dim=1)
-        kwargs["attention_mask"] = create_causal_mask(config=self.language_model.config, inputs_embeds=hidden,
-                                                      attention_mask=mask, past_key_values=self.cache,
-                                                      position_ids=None, layer_idx=index)
+        kwargs["attention_mask"] = upstream.causal_mask(self.language_model.config, hidden, mask, self.cache, index)
         if self.policy == "renumber":
             offsets = steps + torch.arange(query, device=hidden.device)
             rows = layout.next_positions.unsqueeze(-1) + offsets
             rotary_ids, layer_ids = rope_inputs(rows)
-            kwargs["position_embeddings"] = self.language_model.rotary_emb(hidden, rotary_ids)
+            kwargs["position_embeddings"] = upstream.rotary_embedding(self.language_model, hidden, rotary_ids)
             kwargs["position_ids"] = layer_ids
         return args, kwargs

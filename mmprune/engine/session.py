@@ -1,15 +1,20 @@
 """Attaching a method to a stock HF VLM: the hooks that take visual tokens out before the first decoder layer.
 
-Three interception points, all removed on detach:
+Interception points, all removed on detach:
 
-1. a forward pre-hook on the multimodal model (``model.model``) records ``input_ids`` (where the image tokens are);
+1. a forward pre-hook on the multimodal model (``model.model``) records ``input_ids`` (where the image tokens are)
+   and refuses input modalities the engine does not prune (videos, audio): they would pass through unpruned;
 2. the model's ``get_image_features`` is wrapped (an instance attribute shadowing the class method) so the adapter
-   can describe each image's tokens to the method;
+   can describe each image's tokens to the method; the encoders of unsupported modalities
+   (``get_video_features``, ...) are wrapped to refuse before they run;
 3. a forward pre-hook on the language model rewrites its inputs: at prefill it applies the selections and compacts
    ``inputs_embeds`` / ``attention_mask`` / ``position_ids``; at each later step on the same KV cache it maps the
-   mask and positions that ``generate`` computed for the original layout onto the compacted cache.
+   mask and positions that ``generate`` computed for the original layout onto the compacted cache;
+4. ``model.generate`` is wrapped only to know that a forward belongs to a generation (decoding without a KV cache
+   would re-run the whole prompt unpruned at every step, so it is refused).
 
 The language model keeps its attention implementation (SDPA, FlashAttention); nothing asks it for attention weights.
+Every transformers detail these hooks rely on is read through :mod:`mmprune.upstream`.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
+from mmprune import upstream
 from mmprune.engine.layers import ImageTrack, LayerRunner, PrefillRecord, StageLayout
 from mmprune.engine.sequence import ImageSpan, Layout, compact_prefill, decode_inputs
 from mmprune.engine.tokens import Selection, VisualTokens
 
 _MISSING = object()
+
+# The module each live session hooks (the multimodal model), so a second attachment is refused, not stacked.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PruningSession:
@@ -40,6 +48,8 @@ class PruningSession:
         self.pruner = pruner
         self.model = model
         self.adapter = adapter_for(model)
+        upstream.check_version()
+        _verify_once(self.adapter)
         method_default = getattr(pruner, "default_positions", None)
         if method_default == "renumber" and not self.adapter.supports_renumber:
             method_default = None  # the reference renumbers 1-D positions; M-RoPE models keep theirs
@@ -50,23 +60,27 @@ class PruningSession:
                 "use positions='original' or None"
             )
         self._handles: list = []
-        self._owner: nn.Module | None = None
-        self._previous_attr: Any = _MISSING
+        self._shadowed: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
+        self._generating = 0  # depth of model.generate calls in flight
         self._images: list[VisualTokens] | None = None
         self._input_ids: torch.Tensor | None = None
         self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
         self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "plan") else None
         self._pending: tuple | None = None  # (cache, layout, stats) of the prefill in flight
         self._inner_signature = inspect.signature(self.adapter.inner.forward)
+        self._cache_argument = upstream.cache_argument(self.adapter.language_model.forward)
         self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
 
     # ------------------------------------------------------------------ attach / detach
     def install(self) -> None:
         adapter = self.adapter
+        other = _ATTACHED.get(adapter.inner)
+        if other is not None:
+            raise ValueError(
+                f"cannot attach {self.pruner.name}: {other.pruner.name} is already attached to this model; mmprune "
+                "does not stack methods: detach the first one (leave its `with` block) before attaching another")
         owner = adapter.image_features_owner()
         original = owner.get_image_features
-        self._owner = owner
-        self._previous_attr = owner.__dict__.get("get_image_features", _MISSING)
 
         # functools.wraps keeps the signature visible: generate() inspects it to pre-encode images.
         @functools.wraps(original)
@@ -76,7 +90,30 @@ class PruningSession:
             self._images = adapter.build_images(output, args, kwargs)
             return output
 
-        owner.get_image_features = get_image_features
+        def refusing(modality: str, encoder: Any) -> Any:
+            @functools.wraps(encoder)
+            def refuse(*args: Any, **kwargs: Any) -> Any:
+                raise self._unsupported({modality})
+
+            return refuse
+
+        generate = self.model.generate
+
+        @functools.wraps(generate)
+        def generate_tracked(*args: Any, **kwargs: Any) -> Any:
+            self._check_generation(kwargs)
+            self._generating += 1
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._generating -= 1
+
+        _ATTACHED[adapter.inner] = self
+        self._shadow(owner, "get_image_features", get_image_features)
+        for modality, name in upstream.feature_getters(owner).items():
+            if modality not in adapter.modalities:
+                self._shadow(owner, name, refusing(modality, getattr(owner, name)))
+        self._shadow(self.model, "generate", generate_tracked)
         try:
             self._handles.append(
                 adapter.inner.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True))
@@ -90,16 +127,23 @@ class PruningSession:
             self.remove()
             raise
 
+    def _shadow(self, target: Any, name: str, value: Any) -> None:
+        """Set an instance attribute over ``target``'s method ``name``, remembering what to restore."""
+        self._shadowed.append((target, name, target.__dict__.get(name, _MISSING)))
+        setattr(target, name, value)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._owner is not None:
-            if self._previous_attr is _MISSING:
-                self._owner.__dict__.pop("get_image_features", None)
+        for target, name, previous in reversed(self._shadowed):
+            if previous is _MISSING:
+                target.__dict__.pop(name, None)
             else:
-                self._owner.get_image_features = self._previous_attr
-            self._owner = None
+                setattr(target, name, previous)
+        self._shadowed.clear()
+        if _ATTACHED.get(self.adapter.inner) is self:
+            del _ATTACHED[self.adapter.inner]
         self._images = None
         self._input_ids = None
         self._layouts.clear()
@@ -107,21 +151,65 @@ class PruningSession:
         self.adapter.captured = {}
 
     # ------------------------------------------------------------------ hooks
+    def _check_generation(self, kwargs: dict) -> None:
+        """Refuse, before anything runs, the decoding modes whose cache or batch handling the engine cannot follow."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+
+        def setting(name: str, default: Any = None) -> Any:
+            return kwargs[name] if name in kwargs else getattr(config, name, default)
+
+        refused = []
+        if (setting("num_beams", 1) or 1) > 1:
+            refused.append(f"beam search (num_beams={setting('num_beams')})")
+        if (setting("num_return_sequences", 1) or 1) > 1:
+            refused.append(f"num_return_sequences={setting('num_return_sequences')}")
+        if any(setting(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens",
+                                                        "assistant_early_exit")):
+            refused.append("assisted/speculative decoding")
+        if setting("use_cache", True) is False:
+            refused.append("use_cache=False (without a KV cache every step would re-run the prompt unpruned)")
+        if setting("cache_implementation") not in (None, "dynamic"):
+            refused.append(f"cache_implementation={setting('cache_implementation')!r} (static caches are not "
+                           "supported; use the default dynamic cache)")
+        if refused:
+            raise ValueError(
+                f"{self.pruner.name}: {'; '.join(refused)} is not supported with a pruner attached; generate() "
+                "works with greedy or sampled decoding on the default dynamic KV cache (num_beams=1, "
+                "num_return_sequences=1, use_cache=True)")
+
+    def _unsupported(self, modalities: set[str]) -> ValueError:
+        return ValueError(
+            f"{self.pruner.name}: the input carries {' and '.join(sorted(modalities))}, which mmprune does not prune "
+            f"on {self.adapter.family} yet (supported: {', '.join(self.adapter.modalities)}); it would pass through "
+            "unpruned, so it is refused: pass images only, or detach the pruner")
+
     def _on_multimodal_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._inner_signature.bind_partial(*args, **kwargs).arguments
-        self._input_ids = bound.get("input_ids")
+        arguments = {**bound.pop("kwargs", {}), **bound}
+        unsupported = upstream.modalities_in(arguments) - set(self.adapter.modalities)
+        if unsupported:
+            raise self._unsupported(unsupported)
+        self._input_ids = arguments.get("input_ids")
         # Images reach the forward either as pixels (encoded inside it, through the wrapper) or pre-encoded by
         # generate() (the wrapper ran just before). A forward with neither carries no image of ours.
-        encoded = bound.get("mm_encoder_outputs") or {}
-        if bound.get("pixel_values") is None and encoded.get("image") is None:
+        if arguments.get("pixel_values") is None and upstream.pre_encoded(arguments, "image") is None:
             self._images = None
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         images, self._images = self._images, None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self._cache_argument)
         if self.runner is not None:
             self.runner.mode = None  # also clears what a forward that raised left behind
         if images is not None:
+            if cache is not None and not upstream.is_default_cache(cache):
+                raise ValueError(
+                    f"{type(cache).__name__} is not supported: pruning gives each layer its own KV length, which "
+                    "needs the default dynamic cache; call generate() without cache_implementation/a prepared cache")
+            if cache is None and self._generating and kwargs.get("use_cache") is False:
+                raise ValueError(
+                    "generate(use_cache=False) is not supported with a pruner attached: without a KV cache every "
+                    "decoding step re-encodes the whole prompt, and its images would pass unpruned; use the default "
+                    "use_cache=True (pruned tokens then stay out of the cache for every step)")
             return args, self._prefill(module, kwargs, images, cache)
         if cache is not None and id(cache) in self._layouts:
             ref, layout, stages = self._layouts[id(cache)]
@@ -144,7 +232,7 @@ class PruningSession:
         if self._input_ids is None:
             raise ValueError("mmprune locates image tokens through input_ids; call the model with input_ids "
                              "(as the HF processor returns them), not inputs_embeds")
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and upstream.cache_length(cache) > 0:
             raise ValueError("pruning a prompt that continues a non-empty KV cache is not supported; "
                              "start generation from the full prompt")
         mask = kwargs.get("attention_mask")
@@ -171,8 +259,8 @@ class PruningSession:
             use_cache = getattr(module.config, "use_cache", True)
         if cache is None and use_cache:
             # Created here (not inside the model) so this prefill's layout can be tied to it for the decode steps.
-            cache = DynamicCache(config=module.config)
-            kwargs["past_key_values"] = cache
+            cache = upstream.new_cache(module.config)
+            kwargs[self._cache_argument] = cache
         if cache is not None:
             self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
             self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
@@ -192,7 +280,7 @@ class PruningSession:
         query = kwargs.get("inputs_embeds")
         if query is None:
             query = kwargs.get("input_ids")
-        mask, positions = decode_inputs(layout, cache.get_seq_length(), int(query.shape[1]),
+        mask, positions = decode_inputs(layout, upstream.cache_length(cache), int(query.shape[1]),
                                         kwargs.get("attention_mask"), kwargs.get("position_ids"))
         kwargs.update(attention_mask=mask, position_ids=positions)
         if self.runner is not None:
@@ -285,6 +373,16 @@ class PruningSession:
         for layer, ms in zip(record.layers, record.selection_ms):
             stats["selection_ms_per_stage"][f"layer {layer}"] = ms
         stats["selection_ms"] = sum(stats["selection_ms_per_stage"].values())
+
+
+_VERIFIED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _verify_once(adapter: Any) -> None:
+    """Check mmprune's assumptions about transformers internals on this model (once per model object)."""
+    if adapter.model not in _VERIFIED:
+        upstream.verify(adapter)
+        _VERIFIED.add(adapter.model)
 
 
 def final_kept(stats: dict) -> list[list[list[int]]]:

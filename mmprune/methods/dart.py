@@ -60,7 +60,7 @@ class DARTPruner(SingleStagePruner):
     def choose(self, ctx, stage: int, counts: list[int]) -> list[Selection]:
         _, keys = ctx.queries_keys(self.layer - 1, ctx.last_token().unsqueeze(1), repeat=False)
         norms = keys.float().abs().sum(dim=(1, 3))  # (B, L): L1 norm of the key, flattened over key heads
-        features = F.normalize(ctx.model.norm(ctx.hidden).float(), dim=-1)
+        features = F.normalize(ctx.final_norm(ctx.hidden).float(), dim=-1)
         selections = []
         for track, k in zip(ctx.tracks, counts):
             selections.append(Selection.of(self.select(track, ctx.text_after(track), norms[track.sample],

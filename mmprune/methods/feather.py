@@ -71,7 +71,7 @@ class FeatherPruner(MultiStagePruner):
     def criterion(self, ctx) -> list[torch.Tensor]:
         """Per image: head-mean softmax of the last token's RoPE-free query over the image's current keys."""
         q, k = ctx.queries_keys(ctx.layer - 1, ctx.last_token().unsqueeze(1), rope=False)
-        scaling = ctx.model.layers[ctx.layer - 1].self_attn.scaling
+        scaling = ctx.scaling(ctx.layer - 1)
         out = []
         for track in ctx.tracks:
             keys = k[track.sample, :, track.positions]  # (H, n, d)

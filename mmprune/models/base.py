@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mmprune import upstream
 from mmprune.engine.tokens import VisualTokens
 
 
@@ -19,6 +20,7 @@ class ModelAdapter:
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ("image",)  # input modalities whose tokens the engine prunes; others are refused
     default_positions: str = "renumber"
     supports_renumber: bool = True
 
@@ -37,7 +39,7 @@ class ModelAdapter:
 
     @property
     def num_layers(self) -> int:
-        return int(self.language_model.config.num_hidden_layers)
+        return len(upstream.decoder_layers(self.language_model))
 
     def install_capture(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks that record the vision encoder internals the lazy fields need; returns their handles."""

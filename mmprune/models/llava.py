@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmprune import upstream
 from mmprune.engine.tokens import Segment, VisualTokens
 from mmprune.models.base import ModelAdapter, capture_input, capture_output
 
@@ -20,8 +21,7 @@ class ClipTower:
     """
 
     def __init__(self, tower: nn.Module, feature_layer: int) -> None:
-        encoder = getattr(tower, "vision_model", tower).encoder
-        layers = encoder.layers
+        layers = upstream.clip_encoder_layers(tower)
         if not isinstance(feature_layer, int):
             raise ValueError(
                 f"vision_feature_layer={feature_layer!r}: attention-based methods need a single feature layer (int)"
@@ -35,7 +35,7 @@ class ClipTower:
                 f"(hidden_states[0] are the embeddings): expected 1..{count} or -{count}..-1"
             )
         self.layer = layers[index]
-        self.attention = self.layer.self_attn
+        self.attention = self.layer.self_attn  # hooked for its input; its fields are read through upstream
 
     def install(self, adapter: ModelAdapter) -> list:
         return [
@@ -46,7 +46,7 @@ class ClipTower:
     def cls_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, heads, 1+N) [CLS]-row probabilities and (crops, 1+N, d_h) head-mean keys."""
         hidden, _ = store["clip_attn_in"]
-        attn = self.attention
+        attn = upstream.clip_attention(self.layer)
         heads, head_dim = attn.num_heads, attn.head_dim
         crops, length, _ = hidden.shape
         with torch.no_grad():
@@ -71,8 +71,7 @@ class LlavaAdapter(ModelAdapter):
         vision = self.config.vision_config
         self.side = vision.image_size // vision.patch_size
         self.clip: ClipTower | None = None
-        if isinstance(self.feature_layer, int) and hasattr(getattr(self.inner.vision_tower, "vision_model",
-                                                                   self.inner.vision_tower), "encoder"):
+        if isinstance(self.feature_layer, int) and upstream.has_clip_encoder(self.inner.vision_tower):
             self.clip = ClipTower(self.inner.vision_tower, self.feature_layer)
 
     def install_capture(self) -> list:
@@ -82,7 +81,7 @@ class LlavaAdapter(ModelAdapter):
         return self.inner.multi_modal_projector(features)
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
-        features = list(output.pooler_output)
+        features = upstream.image_features(output)
         with_cls = self.strategy == "full"
         images = []
         for i, embeds in enumerate(features):

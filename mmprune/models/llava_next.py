@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mmprune import upstream
 from mmprune.engine.tokens import Segment, VisualTokens
 from mmprune.models.llava import LlavaAdapter
 
@@ -25,14 +26,9 @@ class LlavaNextAdapter(LlavaAdapter):
     default_positions = "renumber"
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-        crops = [
-            image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
-                                      patch_size=self.config.vision_config.image_size)
-            for size in image_sizes
-        ]
+        crops = [upstream.llava_next_crops(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                 for size in image_sizes]
         per_crop = self.side * self.side + int(self.strategy == "full")
         # index map: value 1 + (global crop * per_crop + patch); newline tokens come out as 0
         maps, start = [], 0
@@ -40,11 +36,11 @@ class LlavaNextAdapter(LlavaAdapter):
             ids = torch.arange(start * per_crop, (start + count) * per_crop, dtype=torch.float64) + 1
             maps.append(ids.view(count, per_crop, 1))
             start += count
-        packed, _ = self.inner.pack_image_features(maps, image_sizes, self.strategy,
-                                                   image_newline=torch.zeros(1, dtype=torch.float64))
+        packed = upstream.llava_next_pack(self.inner, maps, image_sizes, self.strategy,
+                                          image_newline=torch.zeros(1, dtype=torch.float64))
         store = self.captured
         images = []
-        for i, (embeds, index) in enumerate(zip(output.pooler_output, packed)):
+        for i, (embeds, index) in enumerate(zip(upstream.image_features(output), packed)):
             source = index[:, 0].round().long() - 1  # -1 = newline
             segments = self._segments(source, crops[i])
             images.append(VisualTokens(embeds, segments, family=self.family,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmprune import upstream
 from mmprune.engine.tokens import Segment, VisualTokens
 from mmprune.models.base import ModelAdapter, capture_input
 
@@ -38,14 +38,13 @@ class Qwen2VLAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.visual = self.inner.visual
-        self.merge = int(self.visual.spatial_merge_size)
-        self.block = self.visual.blocks[-1]
-        module = importlib.import_module(type(self.visual).__module__)
-        self.apply_rope = module.apply_rotary_pos_emb_vision
-        self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL reorders patches by window
+        self.vision = upstream.qwen_vision(self.visual)
+        self.merge = self.vision.merge
+        self.block = self.vision.block
+        self.windowed = self.vision.windowed  # Qwen2.5-VL reorders patches by window
 
     def install_capture(self) -> list:
-        return [self.block.attn.register_forward_pre_hook(capture_input(self, "block_in"), with_kwargs=True)]
+        return [self.vision.attention.register_forward_pre_hook(capture_input(self, "block_in"), with_kwargs=True)]
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
         grid_thw = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
@@ -53,7 +52,7 @@ class Qwen2VLAdapter(ModelAdapter):
             raise ValueError("Qwen2-VL image features need image_grid_thw")
         store = self.captured
         images = []
-        for i, embeds in enumerate(output.pooler_output):
+        for i, embeds in enumerate(upstream.image_features(output)):
             t, h, w = (int(v) for v in grid_thw[i])
             rows, cols = h // self.merge, w // self.merge
             if t != 1:
@@ -75,13 +74,13 @@ class Qwen2VLAdapter(ModelAdapter):
     def _received_attention(self, store: dict, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: ((heads, N) received attention, (N, d_h) keys), merged tokens in raster order."""
         hidden, kwargs = store["block_in"]
-        attn = self.block.attn
+        attn = self.vision.attention
         unit = self.merge * self.merge
         with torch.no_grad():
             seq = hidden.shape[0]
             q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             cos, sin = kwargs["position_embeddings"]
-            q, k = self.apply_rope(q, k, cos, sin)
+            q, k = self.vision.apply_rope(q, k, cos, sin)
             q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, seq, d)
             bounds = kwargs["cu_seqlens"].tolist()
             received = torch.zeros(attn.num_heads, seq, dtype=torch.float32, device=hidden.device)
@@ -108,13 +107,6 @@ class Qwen2VLAdapter(ModelAdapter):
         """Index that maps merged-token raster order to the block's (possibly window-permuted) order."""
         if not self.windowed:
             return torch.arange(units, device=device)
-        from transformers.vision_utils import get_vision_window_index
-
-        window_index, _ = get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=self.merge,
-            window_size=self.visual.window_size,
-            patch_size=self.visual.patch_size,
-        )
+        window_index = upstream.qwen_window_index(self.visual, grid_thw)
         # block order position p holds raster unit window_index[p]; we want, per raster unit, its block position
         return torch.argsort(window_index).to(device)

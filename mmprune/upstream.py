@@ -1,0 +1,444 @@
+"""Everything mmprune assumes about transformers' internals, in one place.
+
+mmprune hooks stock Hugging Face models, so it depends on details transformers does not promise to keep: the name
+of the KV-cache argument (``past_key_values`` until 5.23, ``cache`` from 5.24), the arguments of
+``create_causal_mask``, what ``get_image_features`` returns, the attributes of attention modules, the vision rope
+helpers. Each such detail is read here and nowhere else, so the next rename is one edit in this file.
+
+:data:`ASSUMPTIONS` lists them as named checks. :func:`verify` runs the ones that apply to a model when a method
+attaches, so a release that breaks one fails at attach with a message naming the assumption and the installed
+version, instead of a shape error deep inside SDPA or, worse, a silently unpruned forward.
+``tests/test_upstream.py`` runs every check on the tiny model of each family (the contract tests).
+
+:data:`TESTED_TRANSFORMERS` is the range CI runs the suite on (its oldest and newest release); ``pyproject.toml``
+declares the same range. Outside it, attaching warns once (:func:`check_version`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import nn
+
+# The releases the whole suite passes on; CI runs it on both ends. pyproject.toml's dependency must say the same
+# (tests/test_upstream.py checks). Lower bound: create_causal_mask takes `layer_idx` (needed for masks of layers
+# whose cache was shortened) from 5.14 on.
+TESTED_TRANSFORMERS = ">=5.14.0,<5.25"
+OLDEST_TESTED = "5.14.0"
+
+
+class UpstreamVersionWarning(UserWarning):
+    """The installed transformers is outside the range mmprune is tested on."""
+
+
+class UpstreamMismatch(RuntimeError):
+    """The installed transformers no longer matches one of mmprune's assumptions about its internals."""
+
+
+def transformers_version() -> str:
+    return transformers.__version__
+
+
+def in_tested_range(version: str | None = None) -> bool:
+    return Version(version or transformers_version()) in SpecifierSet(TESTED_TRANSFORMERS)
+
+
+@functools.lru_cache(maxsize=None)
+def check_version(version: str | None = None) -> bool:
+    """Warn (once per process and version) when ``version`` (default: the installed one) is outside the tested
+    range. Returns whether it is inside."""
+    version = version or transformers_version()
+    inside = in_tested_range(version)
+    if not inside:
+        warnings.warn(
+            f"mmprune is tested with transformers {TESTED_TRANSFORMERS} and transformers {version} is installed: "
+            "mmprune checks the internals it hooks at attach and refuses what it can detect, but results on this "
+            f"release are untested; install a tested one, e.g. pip install 'transformers{TESTED_TRANSFORMERS}'",
+            UpstreamVersionWarning,
+            stacklevel=3,
+        )
+    return inside
+
+
+def mismatch(assumption: str, detail: str) -> UpstreamMismatch:
+    return UpstreamMismatch(
+        f"transformers {transformers_version()} breaks mmprune's assumption '{assumption}': {detail} "
+        f"(mmprune is tested with transformers {TESTED_TRANSFORMERS})")
+
+
+def _parameters(function: Callable) -> dict[str, inspect.Parameter]:
+    # inspect.signature follows __wrapped__, so decorated forwards (deprecate_kwarg, can_return_tuple) show their
+    # real parameters
+    return dict(inspect.signature(function).parameters)
+
+
+# ---------------------------------------------------------------------------------------------- the KV cache
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")  # 5.24 renamed past_key_values to cache
+
+
+def cache_argument(forward: Callable) -> str:
+    """The name under which ``forward`` (a language model's or decoder layer's) takes the KV cache."""
+    params = _parameters(forward)
+    for name in CACHE_ARGUMENT_NAMES:
+        if name in params:
+            return name
+    raise mismatch("forwards take the KV cache as `cache` or `past_key_values`",
+                   f"{getattr(forward, '__qualname__', forward)} takes {', '.join(params)}")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    for name in CACHE_ARGUMENT_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def new_cache(config: Any) -> Any:
+    """The default KV cache a language model would create for itself."""
+    return transformers.DynamicCache(config=config)
+
+
+def is_default_cache(cache: Any) -> bool:
+    """Whether ``cache`` is the default dynamic cache, the only one whose layers may hold different lengths."""
+    return isinstance(cache, transformers.DynamicCache)
+
+
+def cache_length(cache: Any, layer: int = 0) -> int:
+    return int(cache.get_seq_length(layer))
+
+
+def cache_layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a dynamic cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+# ---------------------------------------------------------------------------------------------- masks
+@functools.lru_cache(maxsize=1)
+def _mask_function() -> tuple[Callable, str]:
+    from transformers.masking_utils import create_causal_mask
+
+    params = _parameters(create_causal_mask)
+    if "layer_idx" not in params:
+        raise mismatch("create_causal_mask takes layer_idx", f"its parameters are {', '.join(params)}")
+    for name in CACHE_ARGUMENT_NAMES:
+        if name in params:
+            return create_causal_mask, name
+    raise mismatch("create_causal_mask takes the cache as `cache` or `past_key_values`",
+                   f"its parameters are {', '.join(params)}")
+
+
+def causal_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                layer_idx: int) -> Any:
+    """transformers' own mask for decoder layer ``layer_idx`` (whose cache may be shorter than the others'), in the
+    format of the model's attention implementation."""
+    function, cache_name = _mask_function()
+    return function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=None, layer_idx=layer_idx, **{cache_name: cache})
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+# Forward arguments that carry each input modality (generate() pre-encodes them into `mm_encoder_outputs`, keyed by
+# modality, from 5.2x on).
+MODALITY_ARGUMENTS = {
+    "image": ("pixel_values",),
+    "video": ("pixel_values_videos",),
+    "audio": ("input_features", "input_audio_features"),
+}
+PRE_ENCODED_ARGUMENT = "mm_encoder_outputs"
+
+
+def modalities_in(arguments: dict) -> set[str]:
+    """Input modalities a multimodal forward's bound ``arguments`` carry (as pixels/features or pre-encoded)."""
+    found = {modality for modality, names in MODALITY_ARGUMENTS.items()
+             if any(arguments.get(name) is not None for name in names)}
+    encoded = arguments.get(PRE_ENCODED_ARGUMENT) or {}
+    found |= {modality for modality, value in encoded.items() if value is not None}
+    return found
+
+
+def pre_encoded(arguments: dict, modality: str) -> Any:
+    """What generate() encoded for ``modality`` before the forward (``None`` when absent)."""
+    return (arguments.get(PRE_ENCODED_ARGUMENT) or {}).get(modality)
+
+
+def feature_getters(owner: nn.Module) -> dict[str, str]:
+    """``{modality: method name}`` of the encoders a multimodal model exposes (``get_image_features``, ...)."""
+    return {modality: f"get_{modality}_features" for modality in MODALITY_ARGUMENTS
+            if callable(getattr(owner, f"get_{modality}_features", None))}
+
+
+def image_features(output: Any) -> list[torch.Tensor]:
+    """Per image, the ``(tokens, hidden)`` LLM-space features ``get_image_features`` returned."""
+    features = getattr(output, "pooler_output", None)
+    if features is None:
+        raise mismatch("get_image_features returns an output whose pooler_output holds one tensor per image",
+                       f"it returned {type(output).__name__}")
+    return list(features)
+
+
+# ---------------------------------------------------------------------------------------------- the language model
+@dataclass(frozen=True)
+class AttentionParts:
+    """What mmprune reads of a decoder layer to recompute attention rows (the model keeps its implementation)."""
+
+    norm: nn.Module  # input_layernorm
+    q_proj: nn.Module
+    k_proj: nn.Module
+    head_dim: int
+    scaling: float
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    return language_model.layers
+
+
+def attention_parts(layer: nn.Module) -> AttentionParts:
+    attn = layer.self_attn
+    return AttentionParts(norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj,
+                          head_dim=int(attn.head_dim), scaling=float(attn.scaling))
+
+
+def layer_attention_type(layer: nn.Module) -> str:
+    return getattr(layer, "attention_type", "full_attention")
+
+
+def final_norm(language_model: nn.Module) -> nn.Module:
+    return language_model.norm
+
+
+def rotary_embedding(language_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """(cos, sin) the language model's rotary embedding gives ``position_ids``."""
+    return language_model.rotary_emb(hidden, position_ids)
+
+
+def rope_tables(language_model: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B|1, L, head_dim)`` cos/sin as applied to queries and keys. Before 5.17 the M-RoPE models' rotary
+    embedding returned one table per section ``(3, B, L, head_dim)``, interleaved inside the attention by
+    ``mrope_section``; they are combined here the same way."""
+    if cos.dim() == 3:
+        return cos, sin
+    section = list(_rope_config(language_model.config)["mrope_section"]) * 2
+
+    def combine(table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part[i % 3] for i, part in enumerate(table.split(section, dim=-1))], dim=-1)
+
+    return combine(cos), combine(sin)
+
+
+def _rope_config(config: Any) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "mrope_section" not in rope:
+        raise mismatch("M-RoPE configs hold mrope_section in rope_parameters", f"they hold {sorted(rope)}")
+    return rope
+
+
+# Decoder-layer keyword arguments the engine replaces after a stage (besides the cache, which it only reads).
+LAYER_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+# ---------------------------------------------------------------------------------------------- vision towers
+@dataclass(frozen=True)
+class ClipAttentionParts:
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def has_clip_encoder(tower: nn.Module) -> bool:
+    return hasattr(getattr(tower, "vision_model", tower), "encoder")
+
+
+def clip_attention(layer: nn.Module) -> ClipAttentionParts:
+    attn = layer.self_attn
+    return ClipAttentionParts(q_proj=attn.q_proj, k_proj=attn.k_proj, num_heads=int(attn.num_heads),
+                              head_dim=int(attn.head_dim), scale=float(attn.scale))
+
+
+@dataclass(frozen=True)
+class QwenVisionParts:
+    """The last vision block of Qwen2-VL / Qwen2.5-VL and the helpers to recompute its attention."""
+
+    block: nn.Module
+    attention: nn.Module  # .qkv, .num_heads, .scaling
+    apply_rope: Callable  # apply_rotary_pos_emb_vision(q, k, cos, sin) of the model's own module
+    merge: int
+    windowed: bool  # Qwen2.5-VL reorders patches by window before the blocks
+
+
+QWEN_BLOCK_ARGUMENTS = ("cu_seqlens", "position_embeddings")  # what the last block's attention is called with
+
+
+def qwen_vision(visual: nn.Module) -> QwenVisionParts:
+    module = importlib.import_module(type(visual).__module__)
+    block = visual.blocks[-1]
+    return QwenVisionParts(block=block, attention=block.attn, apply_rope=module.apply_rotary_pos_emb_vision,
+                           merge=int(visual.spatial_merge_size), windowed=hasattr(visual, "fullatt_block_indexes"))
+
+
+def qwen_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL: block order position ``p`` holds raster merge unit ``window_index[p]``."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=int(visual.spatial_merge_size),
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return window_index
+
+
+def llava_next_crops(image_size: Any, grid_pinpoints: Any, patch_size: int) -> int:
+    """Crops (base image included) LLaVA-NeXT encodes for an image of ``image_size``."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(image_size_to_num_patches(image_size=image_size, grid_pinpoints=grid_pinpoints,
+                                         patch_size=patch_size))
+
+
+def llava_next_pack(inner: nn.Module, features: list[torch.Tensor], image_sizes: Any, strategy: str,
+                    image_newline: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own ``pack_image_features``: crops -> one sequence per image with newline tokens."""
+    packed, _ = inner.pack_image_features(features, image_sizes, strategy, image_newline=image_newline)
+    return packed
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+@dataclass(frozen=True)
+class Assumption:
+    """One thing mmprune relies on; ``check(adapter)`` raises :class:`UpstreamMismatch` when it no longer holds."""
+
+    name: str
+    check: Callable[[Any], None]
+    families: tuple[str, ...] = ()  # empty: every family
+
+    def applies(self, family: str) -> bool:
+        return not self.families or family in self.families
+
+
+def _require(condition: bool, assumption: str, detail: str) -> None:
+    if not condition:
+        raise mismatch(assumption, detail)
+
+
+def _check_cache_argument(adapter: Any) -> None:
+    lm_name = cache_argument(adapter.language_model.forward)
+    layer_name = cache_argument(decoder_layers(adapter.language_model)[0].forward)
+    _require(lm_name == layer_name, "the language model and its decoder layers name the cache alike",
+             f"language model: {lm_name}, decoder layer: {layer_name}")
+
+
+def _check_layer_arguments(adapter: Any) -> None:
+    layer = decoder_layers(adapter.language_model)[0]
+    params = _parameters(layer.forward)
+    missing = [name for name in LAYER_ARGUMENTS if name not in params]
+    _require(not missing,
+             f"decoder layers take {', '.join(LAYER_ARGUMENTS)} as keyword arguments",
+             f"{type(layer).__name__}.forward lacks {', '.join(missing)}")
+
+
+def _check_language_model(adapter: Any) -> None:
+    lm = adapter.language_model
+    for attribute in ("layers", "norm", "rotary_emb"):
+        _require(hasattr(lm, attribute), "the language model has .layers, .norm and .rotary_emb",
+                 f"{type(lm).__name__} has no .{attribute}")
+    try:
+        attention_parts(decoder_layers(lm)[0])
+    except AttributeError as exc:
+        raise mismatch("decoder layers have input_layernorm and self_attn.q_proj/k_proj/head_dim/scaling",
+                       str(exc)) from None
+
+
+def _check_mask_function(adapter: Any) -> None:
+    _mask_function()
+
+
+def _check_image_features(adapter: Any) -> None:
+    owner = adapter.image_features_owner()
+    _require(callable(getattr(owner, "get_image_features", None)),
+             "the multimodal model encodes images with get_image_features", f"{type(owner).__name__} has none")
+    params = _parameters(adapter.inner.forward)
+    for name in ("input_ids", "pixel_values", "attention_mask", "position_ids"):
+        _require(name in params, "the multimodal forward takes input_ids, pixel_values, attention_mask, "
+                 "position_ids", f"{type(adapter.inner).__name__}.forward lacks {name}")
+    _require(hasattr(adapter.inner, "language_model"), "the multimodal model holds its decoder as .language_model",
+             f"{type(adapter.inner).__name__} has no .language_model")
+
+
+def _check_dynamic_cache(adapter: Any) -> None:
+    cache = new_cache(adapter.language_model.config)
+    for name in ("get_seq_length", "layers"):
+        _require(hasattr(cache, name), "DynamicCache(config=...) has get_seq_length(layer) and .layers",
+                 f"it has no {name}")
+
+
+def _check_clip(adapter: Any) -> None:
+    if getattr(adapter, "clip", None) is None:
+        return
+    try:
+        clip_attention(adapter.clip.layer)
+    except AttributeError as exc:
+        raise mismatch("CLIP attention has q_proj, k_proj, num_heads, head_dim, scale", str(exc)) from None
+
+
+def _check_llava_next(adapter: Any) -> None:
+    from transformers.models.llava_next import modeling_llava_next
+
+    _require(hasattr(modeling_llava_next, "image_size_to_num_patches"),
+             "modeling_llava_next.image_size_to_num_patches exists", "it is gone")
+    params = _parameters(adapter.inner.pack_image_features)
+    _require("image_newline" in params, "pack_image_features(features, image_sizes, strategy, image_newline)",
+             f"its parameters are {', '.join(params)}")
+
+
+def _check_qwen_vision(adapter: Any) -> None:
+    try:
+        parts = qwen_vision(adapter.inner.visual)
+        for attribute in ("qkv", "num_heads", "scaling"):
+            getattr(parts.attention, attribute)
+    except AttributeError as exc:
+        raise mismatch("Qwen vision blocks have attn.qkv/num_heads/scaling and the module defines "
+                       "apply_rotary_pos_emb_vision", str(exc)) from None
+    params = _parameters(parts.attention.forward)
+    missing = [name for name in QWEN_BLOCK_ARGUMENTS if name not in params]
+    _require(not missing, f"the vision attention takes {', '.join(QWEN_BLOCK_ARGUMENTS)}",
+             f"it lacks {', '.join(missing)}")
+    if parts.windowed:
+        from transformers import vision_utils
+
+        _require(hasattr(vision_utils, "get_vision_window_index"), "vision_utils.get_vision_window_index exists",
+                 "it is gone")
+
+
+ASSUMPTIONS: list[Assumption] = [
+    Assumption("language model and decoder layers take the KV cache under one name", _check_cache_argument),
+    Assumption("decoder layers take attention_mask, position_ids, position_embeddings", _check_layer_arguments),
+    Assumption("language model exposes layers, norm, rotary_emb and attention projections", _check_language_model),
+    Assumption("create_causal_mask takes layer_idx and the cache", _check_mask_function),
+    Assumption("multimodal model: get_image_features, input_ids/pixel_values forward, .language_model",
+               _check_image_features),
+    Assumption("DynamicCache(config=...) with per-layer lengths", _check_dynamic_cache),
+    Assumption("CLIP attention fields", _check_clip, families=("llava", "llava-next")),
+    Assumption("LLaVA-NeXT crop count and packing helpers", _check_llava_next, families=("llava-next",)),
+    Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision, families=("qwen2-vl",)),
+]
+
+
+def verify(adapter: Any) -> None:
+    """Run every assumption that applies to ``adapter``'s family; raise the first :class:`UpstreamMismatch`."""
+    for assumption in ASSUMPTIONS:
+        if assumption.applies(adapter.family):
+            assumption.check(adapter)
