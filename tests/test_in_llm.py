@@ -288,3 +288,19 @@ def test_sparsevlm_recycles_pruned_tokens_as_cluster_means():
     assign = dpc_knn(x, 3)
     assert sorted(assign.unique().tolist()) == [0, 1, 2]
     assert count == int(0.3 * pruned) + 1 and clusters == int(count / 10) + 1
+
+
+def test_sparsevlm_density_counts_the_token_itself_among_its_k_nearest():
+    """Points 0, 1, 3, 7 on a line (C = 1), k = 2: each row's two smallest distances include its own 0, so
+    rho = exp(-[(0+1)/2, (0+1)/2, (0+4)/2, (0+16)/2]); the densest point, then the next by rho * delta, centre."""
+    from mmprune.methods.sparsevlm import dpc_knn, knn_density
+
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    d = torch.cdist(x, x)
+    torch.testing.assert_close(knn_density(d, 2), torch.exp(-torch.tensor([0.5, 0.5, 2.0, 8.0])))
+    torch.testing.assert_close(knn_density(d, 1), torch.ones(4))
+    # rho * delta: the denser of points 0 and 1 (the noise decides) has delta = 7, the largest distance; the other
+    # exp(-0.5) * 1 = 0.61; point 3: exp(-2) * 2 = 0.27; point 7: exp(-8) * 4 = 0.001. Centres: points 0 and 1;
+    # points 3 and 7 join the nearer one, 1
+    assign = dpc_knn(x, 2)
+    assert assign[0] != assign[1] and assign[2] == assign[1] and assign[3] == assign[1]

@@ -38,18 +38,24 @@ def recycled(pruned: int) -> tuple[int, int]:
     return count, int(count / 10) + 1
 
 
+def knn_density(d: torch.Tensor, k: int) -> torch.Tensor:
+    """DPC-kNN local density ``rho_i = exp(-mean of the k smallest squared distances in row i)``. As the reference
+    (``torch.topk(dist, k, largest=False)`` on the full matrix), the k smallest include the token's own zero
+    distance, so ``k = 1`` gives every token density 1."""
+    nearest = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False).values
+    return torch.exp(-(nearest**2).mean(dim=1))
+
+
 def dpc_knn(x: torch.Tensor, clusters: int, seed: int = 0) -> torch.Tensor:
     """Cluster index of each row of ``x`` by density-peak clustering with k-NN density (as SparseVLM/TokenPacker):
-    ``d = ||xi - xj|| / sqrt(C)``, ``rho = exp(-mean squared distance to the k nearest)`` (k = clusters) plus
-    seeded noise below 1e-6 that breaks ties, ``delta`` = distance to the nearest denser token (the largest distance
-    for the densest), centres = top ``clusters`` by ``rho * delta``, every token to its nearest centre."""
+    ``d = ||xi - xj|| / sqrt(C)``, ``rho`` = :func:`knn_density` with ``k = clusters`` plus seeded noise below 1e-6
+    that breaks ties, ``delta`` = distance to the nearest denser token (the largest distance for the densest),
+    centres = top ``clusters`` by ``rho * delta``, every token to its nearest centre."""
     n, channels = x.shape
     clusters = min(clusters, n)
     d = torch.cdist(x.float(), x.float()) / math.sqrt(channels)
-    k = max(1, min(clusters, n - 1))
-    nearest = torch.topk(d, k + 1, largest=False).values[:, 1:] if n > 1 else torch.zeros(n, 1, device=x.device)
     noise = torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(x.device) * 1e-6
-    rho = torch.exp(-(nearest**2).mean(dim=1)) + noise
+    rho = knn_density(d, clusters) + noise
     denser = rho.unsqueeze(0) > rho.unsqueeze(1)  # [i, j]: j denser than i
     delta = torch.where(denser, d, torch.full_like(d, float("inf"))).min(dim=1).values
     delta = torch.where(torch.isinf(delta), d.max(), delta)
@@ -82,7 +88,9 @@ class SparseVLMPruner(InLLMPruner):
     between them, scaled to the image's token count). The executed equivalent average (the pruning layer itself
     runs at full size; recycled tokens count) is in ``pruner.stats``: 202.75 + recycled for "192", as methods.md
     computes. Differences: attention rows of the raters only are recomputed (the model keeps SDPA); the DPC-kNN
-    noise is seeded; batches of any size (the reference assumes one sample).
+    tie-breaking noise is seeded (the reference draws it from the global RNG); batches of any size (the reference
+    assumes one sample). The DPC-kNN density counts the token's own zero distance among its k nearest, as the
+    reference's ``cluster_and_merge`` does.
     """
 
     keep: int | float = 192 / 576
@@ -156,7 +164,8 @@ class SparseVLMPruner(InLLMPruner):
             hidden = ctx.hidden[track.sample, track.positions]
             assign = dpc_knn(hidden[pool], clusters)
             one_hot = torch.nn.functional.one_hot(assign, clusters).float()
-            merged = (one_hot.T @ hidden[pool].float()) / one_hot.sum(0).clamp(min=1).unsqueeze(1)
+            # the reference's weighted mean with unit weights: sum / (count + 1e-6)
+            merged = (one_hot.T @ hidden[pool].float()) / (one_hot.sum(0) + 1e-6).unsqueeze(1)
             centres = torch.stack([pool[assign == c][0] for c in range(clusters)])
             out.append(Selection(slots=torch.cat([kept, centres]), embeds=torch.cat([hidden[kept], merged.to(
                 hidden.dtype)]), merged=clusters))
