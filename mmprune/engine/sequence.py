@@ -37,6 +37,7 @@ class Layout:
     position_rows: int  # 0 when the model computed positions itself (position_ids=None), else R
     mask_dtype: torch.dtype
     source: torch.Tensor  # (B, Lc) index of each compacted token in the uncompacted sequence
+    identity: bool = False  # nothing left or changed: the prompt entered the LLM as given, decode steps too
 
     @property
     def compact_length(self) -> int:
@@ -96,6 +97,14 @@ def compact_prefill(
         rows = torch.arange(length, device=device).expand(1, batch, length)
     else:
         rows = as_rows(position_ids, batch)
+    if all(span.selection.is_identity(span.positions.numel()) for span in spans):
+        # Nothing leaves: the inputs stay exactly as given (padding slots and their positions included), so the
+        # model computes what it computes unpruned.
+        next_positions = rows.masked_fill(~real.unsqueeze(0), -1).amax(dim=2) + 1
+        layout = Layout(original_length=length, compact_mask=real, next_positions=next_positions,
+                        position_rows=0 if position_ids is None else rows.shape[0], mask_dtype=mask_dtype,
+                        source=torch.arange(length, device=device).expand(batch, -1), identity=True)
+        return inputs_embeds, attention_mask, position_ids, layout
     embeds = inputs_embeds.clone()
     new_rows = rows.clone()
     keep = real.clone()
@@ -112,6 +121,10 @@ def compact_prefill(
         keep[span.sample, span.positions[k:]] = False
 
     index, compact_mask = compaction_index(keep, side)
+    # padding slots take a padding token's own embedding where the row had one (not a copy of a real token), so
+    # whatever a caller reads at padded positions is what the unpruned model would give there
+    padded = ~real
+    index = torch.where(~compact_mask & padded.any(1, keepdim=True), padded.long().argmax(1, keepdim=True), index)
     gathered = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     compact_rows = new_rows.gather(2, index.unsqueeze(0).expand(new_rows.shape[0], -1, -1))
     renumbered = (compact_mask.long().cumsum(1) - 1).masked_fill(~compact_mask, 0)
@@ -171,6 +184,8 @@ def decode_inputs(
     position_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mask and position ids of a decode step, rewritten from the original layout to the compacted cache."""
+    if layout.identity:
+        return attention_mask, position_ids
     steps = cache_length - layout.compact_length
     if steps < 0:
         raise RuntimeError(f"KV cache holds {cache_length} tokens, fewer than the compacted prompt's "
