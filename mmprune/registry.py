@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import fields
+
 from mmprune.methods import (
     DARTPruner,
     DivPrunePruner,
@@ -46,15 +49,29 @@ def available() -> list[str]:
     return sorted(METHODS)
 
 
-def get(name: str, **params) -> Pruner:
-    """A method instance; ``params`` are its dataclass fields (``keep``, ``positions``, method hyper-parameters)."""
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(available())}")
-    cls = METHODS[name]
-    try:
-        return cls(**params)
-    except TypeError as exc:  # an unknown keyword: name what the method does take
-        from dataclasses import fields
+def resolve_name(name: object) -> str:
+    """The registered name for ``name`` (case-insensitive); ``ValueError`` with the closest names otherwise."""
+    if isinstance(name, str) and name.lower() in METHODS:
+        return name.lower()
+    close = difflib.get_close_matches(str(name).lower(), available(), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise ValueError(f"unknown method {name!r}{hint}: expected one of {', '.join(available())}")
 
-        allowed = [f.name for f in fields(cls) if f.init]
-        raise ValueError(f"{name}: {exc}; its parameters are {', '.join(allowed)}") from None
+
+def parameters(cls: type[Pruner]) -> list[str]:
+    """The hyper-parameters (init fields) of a method class, in declaration order."""
+    return [f.name for f in fields(cls) if f.init]
+
+
+def get(name: str, **params) -> Pruner:
+    """A method instance; ``params`` are its dataclass fields (``keep``, ``positions``, method hyper-parameters).
+    Every field's type and range is checked here (``ValueError`` naming the field, the value and what is allowed)."""
+    name = resolve_name(name)
+    cls = METHODS[name]
+    allowed = parameters(cls)
+    unknown = [key for key in params if key not in allowed]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name}: unknown parameter {unknown[0]!r}{hint}; its parameters are {', '.join(allowed)}")
+    return cls(**params)

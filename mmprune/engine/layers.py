@@ -49,6 +49,7 @@ class StageLayout:
     compact_mask: torch.Tensor  # (B, Lc) bool
     next_positions: torch.Tensor  # (R, B) next position id per row after the stage's prompt
     position_rows: int
+    carries: torch.Tensor  # (B, Lc) index (in the sequence that entered the stage) of the token each carries
 
     @property
     def length(self) -> int:
@@ -339,7 +340,8 @@ class LayerRunner:
             "position_ids": layer_ids,
         }
         self.layouts.append(StageLayout(layer=index, compact_mask=layout.compact_mask,
-                                        next_positions=layout.next_positions, position_rows=layout.position_rows))
+                                        next_positions=layout.next_positions, position_rows=layout.position_rows,
+                                        carries=layout.carries))
         return new_hidden
 
     def end_forward(self) -> list[StageLayout]:

@@ -37,6 +37,7 @@ class Layout:
     position_rows: int  # 0 when the model computed positions itself (position_ids=None), else R
     mask_dtype: torch.dtype
     source: torch.Tensor  # (B, Lc) index of each compacted token in the uncompacted sequence
+    carries: torch.Tensor  # (B, Lc) index of the uncompacted token whose content (or slot, if merged) each carries
     identity: bool = False  # nothing left or changed: the prompt entered the LLM as given, decode steps too
 
     @property
@@ -103,11 +104,13 @@ def compact_prefill(
         next_positions = rows.masked_fill(~real.unsqueeze(0), -1).amax(dim=2) + 1
         layout = Layout(original_length=length, compact_mask=real, next_positions=next_positions,
                         position_rows=0 if position_ids is None else rows.shape[0], mask_dtype=mask_dtype,
-                        source=torch.arange(length, device=device).expand(batch, -1), identity=True)
+                        source=torch.arange(length, device=device).expand(batch, -1),
+                        carries=torch.arange(length, device=device).expand(batch, -1), identity=True)
         return inputs_embeds, attention_mask, position_ids, layout
     embeds = inputs_embeds.clone()
     new_rows = rows.clone()
     keep = real.clone()
+    carried = torch.arange(length, device=device).expand(batch, -1).clone()
     for span in spans:
         sel = span.selection
         k = sel.count
@@ -118,6 +121,7 @@ def compact_prefill(
         else:
             embeds[span.sample, slots] = sel.embeds.to(embeds.dtype)
         new_rows[:, span.sample, slots] = rows[:, span.sample, sources]
+        carried[span.sample, slots] = sources
         keep[span.sample, span.positions[k:]] = False
 
     index, compact_mask = compaction_index(keep, side)
@@ -157,6 +161,7 @@ def compact_prefill(
         position_rows=position_rows,
         mask_dtype=mask_dtype,
         source=index,
+        carries=carried.gather(1, index),
     )
     return gathered, out_mask, out_positions, layout
 

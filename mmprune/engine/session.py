@@ -40,7 +40,11 @@ _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PruningSession:
-    """One attachment of a pre-LLM method to one model."""
+    """One attachment of a method to one model, returned by ``pruner.attach(model)`` with its hooks installed.
+
+    A context manager (``with pruner.attach(model): ...`` detaches on exit, also on an exception); for a long-lived
+    attachment (a serving loop) keep it and call :meth:`detach`.
+    """
 
     def __init__(self, pruner: Any, model: nn.Module) -> None:
         from mmprune.models import adapter_for
@@ -50,6 +54,7 @@ class PruningSession:
         self.adapter = adapter_for(model)
         upstream.check_version()
         _verify_once(self.adapter)
+        pruner.check_model(self.adapter.num_layers)
         method_default = getattr(pruner, "default_positions", None)
         if method_default == "renumber" and not self.adapter.supports_renumber:
             method_default = None  # the reference renumbers 1-D positions; M-RoPE models keep theirs
@@ -67,6 +72,7 @@ class PruningSession:
         self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
         self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "plan") else None
         self._pending: tuple | None = None  # (cache, layout, stats) of the prefill in flight
+        self._output_index: torch.Tensor | None = None
         self._inner_signature = inspect.signature(self.adapter.inner.forward)
         self._cache_argument = upstream.cache_argument(self.adapter.language_model.forward)
         self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
@@ -115,6 +121,7 @@ class PruningSession:
                 self._shadow(owner, name, refusing(modality, getattr(owner, name)))
         self._shadow(self.model, "generate", generate_tracked)
         try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
             self._handles.append(
                 adapter.inner.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True))
             self._handles.append(
@@ -126,6 +133,28 @@ class PruningSession:
         except Exception:
             self.remove()
             raise
+
+    def __enter__(self) -> "PruningSession":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return _ATTACHED.get(self.adapter.inner) is self
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as before. Calling it again does nothing."""
+        self.remove()
+
+    def output_index(self) -> torch.Tensor | None:
+        """``(B, L_out)``: for each position of the last pruned forward's output (its logits, its last hidden
+        states), the index of the input token it carries in the sequence the caller passed; ``-1`` at padding.
+        Kept tokens map to themselves; a merged token to the token whose slot it took (``Selection.slots``).
+        ``None`` before any pruned forward. ``labels.gather(1, index.clamp(min=0))`` aligns labels with the pruned
+        logits."""
+        return self._output_index
 
     def _shadow(self, target: Any, name: str, value: Any) -> None:
         """Set an instance attribute over ``target``'s method ``name``, remembering what to restore."""
@@ -183,6 +212,13 @@ class PruningSession:
             f"on {self.adapter.family} yet (supported: {', '.join(self.adapter.modalities)}); it would pass through "
             "unpruned, so it is refused: pass images only, or detach the pruner")
 
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                f"{self.pruner.name}: labels are not supported while a pruner is attached: the forward returns logits "
+                "for the pruned sequence (fewer positions than the labels); compute the loss from those logits with "
+                "session.output_index() (the original position of each output position), or detach the pruner")
+
     def _on_multimodal_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._inner_signature.bind_partial(*args, **kwargs).arguments
         arguments = {**bound.pop("kwargs", {}), **bound}
@@ -223,6 +259,9 @@ class PruningSession:
             stages = self.runner.end_forward()
             if cache is not None:
                 self._layouts[id(cache)] = (weakref.ref(cache), layout, stages)
+            for stage in stages:
+                index = self._output_index.gather(1, stage.carries)
+                self._output_index = index.masked_fill(~stage.compact_mask, -1)
             self._add_stage_stats(record)
         self.runner.mode = None
         self._pending = None
@@ -265,6 +304,7 @@ class PruningSession:
             self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
             self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
+        self._output_index = layout.carries.masked_fill(~layout.compact_mask, -1)
         self.pruner._stats = self._stats(spans, images, selection_ms)
         if self.runner is not None:
             tracks = [ImageTrack(sample=span.sample, image_in_sample=image.image_in_sample,

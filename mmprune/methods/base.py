@@ -9,15 +9,14 @@ image's :class:`~mmprune.engine.tokens.VisualTokens` and a token count ``k`` to 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from mmprune.budget import resolve_keep, validate_keep
 from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.methods.params import Bool, Int, Layers, invalid, param
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmprune.engine.session import PruningSession
@@ -37,8 +36,9 @@ class Pruner:
             original on Qwen2-VL / Qwen2.5-VL.
     """
 
-    keep: int | float = 0.25
-    positions: str | None = None
+    keep: int | float = field(default=0.25, metadata={"help": "the budget (see keep_means)"})
+    positions: str | None = field(default=None, metadata={
+        "help": "position ids of the tokens that stay: 'renumber', 'original', or None (the family's reference)"})
 
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
@@ -53,18 +53,30 @@ class Pruner:
             raise ValueError(
                 f"positions={self.positions!r} is not a position policy: expected one of {POSITION_POLICIES} or None"
             )
+        for spec in fields(self):
+            check = spec.metadata.get("check")
+            if check is None:
+                continue
+            value = getattr(self, spec.name)
+            if not check.check(value):
+                raise invalid(self.name, spec.name, value, check)
+            setattr(self, spec.name, check.normalise(value))
 
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module) -> Iterator[PruningSession]:
-        """Hook this method into ``model`` (a stock HF VLM); every hook is removed on exit, also on an exception."""
+    def attach(self, model: torch.nn.Module) -> PruningSession:
+        """Hook this method into ``model`` (a stock HF VLM) now; returns the attachment.
+
+        Use it as a context manager (``with pruner.attach(model): ...``: every hook is removed on exit, also on an
+        exception), or keep it for a serving loop and call ``.detach()`` when done. Model-dependent values (stage
+        layers beyond the model's depth, the position policy) are checked here.
+        """
         from mmprune.engine.session import PruningSession
 
         session = PruningSession(self, model)
         session.install()
-        try:
-            yield session
-        finally:
-            session.remove()
+        return session
+
+    def check_model(self, num_layers: int) -> None:
+        """Raise ``ValueError`` for hyper-parameters a ``num_layers``-layer language model cannot honour."""
 
     @property
     def stats(self) -> dict | None:
@@ -125,7 +137,7 @@ class InLLMPruner(Pruner):
     it reads), or :meth:`choose` itself.
     """
 
-    debias: bool = False
+    debias: bool = param(False, Bool(), "divide out sink and recency bias from attention scores before the top-k")
 
     stage: ClassVar[str] = "in-llm"
     default_positions: ClassVar[str | None] = None
@@ -134,8 +146,6 @@ class InLLMPruner(Pruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.debias, bool):
-            raise ValueError(f"debias={self.debias!r}: expected True or False")
         if self.debias and not self.attention_scored:
             raise ValueError(f"{self.name} does not score tokens by attention, so debias=True does not apply")
 
@@ -183,17 +193,15 @@ class SingleStagePruner(InLLMPruner):
     """One stage: ``keep`` visual tokens per image (count or fraction of those entering the LLM) go on from
     decoder layer ``layer``."""
 
-    layer: int = 2
+    layer: int = param(2, Int(1), "the decoder layer the kept tokens enter (K)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer={self.layer!r}: expected an int >= 1 (the decoder layer the kept tokens enter)")
+    def check_model(self, num_layers: int) -> None:
+        if self.layer >= num_layers:
+            raise ValueError(f"{self.name}: layer={self.layer} is beyond the model: its language model has "
+                             f"{num_layers} layers, so expected 1..{num_layers - 1}")
 
     def stage_layers(self, num_layers: int) -> list[int]:
-        if self.layer >= num_layers:
-            raise ValueError(f"layer={self.layer} is not inside a {num_layers}-layer language model: expected "
-                             f"1..{num_layers - 1}")
+        self.check_model(num_layers)
         return [self.layer]
 
     def schedule(self, num_tokens: int, num_layers: int) -> list[int]:
@@ -225,7 +233,8 @@ class MultiStagePruner(InLLMPruner):
     :meth:`stage_counts`.
     """
 
-    layers: list[int] | None = None
+    layers: list[int] | None = param(None, Layers(optional=True),
+                                     "stage layers (default: the paper's, scaled to the model's depth)")
 
     keep_means: ClassVar[str] = "equivalent average visual tokens per layer"
     paper_layers: ClassVar[tuple[int, ...]] = ()
@@ -239,6 +248,12 @@ class MultiStagePruner(InLLMPruner):
 
     def explicit_strength(self) -> float | None:
         return getattr(self, self.strength_field) if self.strength_field else None
+
+    def check_model(self, num_layers: int) -> None:
+        beyond = [layer for layer in self.layers or () if layer >= num_layers]
+        if beyond:
+            raise ValueError(f"{self.name}: layers={self.layers} is beyond the model: layer {beyond[0]} is not "
+                             f"inside its {num_layers}-layer language model (expected layers in 1..{num_layers - 1})")
 
     def _average(self, image, strength: float, layers: list[int], num_layers: int) -> float:
         return equivalent_tokens(image.count, layers, self.stage_counts(image, strength, len(layers)), num_layers)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mmprune.engine.tokens import Selection
 from mmprune.methods.base import SingleStagePruner
+from mmprune.methods.params import Int, param
 
 
 @dataclass
@@ -36,9 +37,8 @@ class DARTPruner(SingleStagePruner):
     """
 
     keep: int | float = 128 / 576
-    layer: int = 2
-    visual_pivots: int = 4
-    text_pivots: int = 4
+    visual_pivots: int = param(4, Int(0), "pivots among the visual tokens (largest post-RoPE key norm)")
+    text_pivots: int = param(4, Int(0), "pivots among the instruction tokens")
 
     name: ClassVar[str] = "dart"
     summary: ClassVar[str] = "in-LLM: least-duplicated tokens w.r.t. key-norm pivots at layer K (DART)"
@@ -47,10 +47,6 @@ class DARTPruner(SingleStagePruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("visual_pivots", "text_pivots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected an int >= 0")
         if self.visual_pivots + self.text_pivots == 0:
             raise ValueError("dart needs at least one pivot: visual_pivots + text_pivots >= 1")
 

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from mmprune.methods.base import SingleStagePruner
+from mmprune.methods.params import Choice, param
 
 QUERIES = ("last", "all")
 
@@ -30,17 +31,12 @@ class FastVPruner(SingleStagePruner):
     """
 
     keep: int | float = 0.5
-    layer: int = 2
-    query: str = "last"
+    query: str = param("last", Choice(options=QUERIES),
+                       "'last': the last prompt token's attention (the code); 'all': attention received from all")
 
     name: ClassVar[str] = "fastv"
     summary: ClassVar[str] = "in-LLM: top-k by the last token's attention at layer K-1 (FastV)"
     default_positions: ClassVar[str | None] = "original"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.query not in QUERIES:
-            raise ValueError(f"query={self.query!r}: expected one of {QUERIES}")
 
     def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:
         return {self.layer - 1}

@@ -9,6 +9,7 @@ import torch
 
 from mmprune.engine.tokens import Selection
 from mmprune.methods.base import MultiStagePruner
+from mmprune.methods.params import Float, Int, param
 
 
 def stride_grid(segments, stride: int) -> torch.Tensor:
@@ -39,8 +40,9 @@ class FeatherPruner(MultiStagePruner):
     """
 
     keep: int | float = (8 + 8 * (0.3 + 64 / 576) + 16 * 0.09) / 32
-    ratio: float | None = None
-    stride: int = 3
+    ratio: float | None = param(None, Float(0, 1, high_open=True, optional=True),
+                                "the dropped share r (default: solved from keep)")
+    stride: int = param(3, Int(1), "stride of the uniform grid added at the first stage")
 
     name: ClassVar[str] = "feather"
     summary: ClassVar[str] = "in-LLM, 2 stages: RoPE-free last-token attention to the image + stride-3 grid (FEATHER)"
@@ -48,13 +50,6 @@ class FeatherPruner(MultiStagePruner):
     paper_layers: ClassVar[tuple[int, ...]] = (8, 16)
     strength_field: ClassVar[str] = "ratio"
     variable_counts: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ratio is not None and not (isinstance(self.ratio, float) and 0.0 <= self.ratio < 1.0):
-            raise ValueError(f"ratio={self.ratio!r}: expected the dropped share r, a float in [0, 1)")
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"stride={self.stride!r}: expected an int >= 1")
 
     def explicit_strength(self) -> float | None:
         return None if self.ratio is None else 1.0 - self.ratio

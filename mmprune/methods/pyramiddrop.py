@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from mmprune.methods.base import MultiStagePruner
+from mmprune.methods.params import Float, param
 
 
 @dataclass
@@ -31,18 +32,14 @@ class PyramidDropPruner(MultiStagePruner):
     """
 
     keep: int | float = 270 / 576
-    lam: float | None = None
+    lam: float | None = param(None, Float(0, 1, low_open=True, optional=True),
+                              "lambda, the share kept at each stage (default: solved from keep)")
 
     name: ClassVar[str] = "pyramiddrop"
     summary: ClassVar[str] = "in-LLM, 3 stages: last instruction token's attention, keep N*lambda^s (PyramidDrop)"
     default_positions: ClassVar[str | None] = "renumber"
     paper_layers: ClassVar[tuple[int, ...]] = (8, 16, 24)
     strength_field: ClassVar[str] = "lam"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lam is not None and not (isinstance(self.lam, float) and 0.0 < self.lam <= 1.0):
-            raise ValueError(f"lam={self.lam!r}: expected a float in (0, 1]")
 
     def stage_counts(self, image, strength: float, stages: int) -> list[int]:
         return [int(image.count * strength ** (s + 1)) for s in range(stages)]

@@ -9,6 +9,7 @@ import torch
 
 from mmprune.engine.tokens import Selection, VisualTokens
 from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.params import Int, param
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RandomPruner(PreLLMPruner):
     """
 
     keep: int | float = 0.25
-    seed: int = 0
+    seed: int = param(0, Int(0), "base seed of the draw")
 
     name: ClassVar[str] = "random"
     summary: ClassVar[str] = "uniformly random subset of each image's tokens (seeded control)"

@@ -10,6 +10,7 @@ import torch
 
 from mmprune.engine.tokens import Selection
 from mmprune.methods.base import InLLMPruner, scale_layers
+from mmprune.methods.params import Bool, param
 
 # v1.5's visual tokens kept after each pruning layer for its nominal budgets (LLaVA-1.5, 576 tokens)
 TABLES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -94,17 +95,12 @@ class SparseVLMPruner(InLLMPruner):
     """
 
     keep: int | float = 192 / 576
-    recycle: bool = True
+    recycle: bool = param(True, Bool(), "recycle pruned tokens as DPC-kNN cluster means (v1.5)")
 
     name: ClassVar[str] = "sparsevlm"
     summary: ClassVar[str] = "in-LLM, 3 stages: text raters' attention + recycling of pruned tokens (SparseVLM v1.5)"
     keep_means: ClassVar[str] = "nominal budget of SparseVLM's published schedules"
     default_positions: ClassVar[str | None] = "renumber"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.recycle, bool):
-            raise ValueError(f"recycle={self.recycle!r}: expected True or False")
 
     def _nominal(self, num_tokens: int) -> float:
         fraction = self.keep if isinstance(self.keep, float) else self.budget(num_tokens) / num_tokens

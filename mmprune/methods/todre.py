@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mmprune.engine.tokens import Selection, VisualTokens
 from mmprune.methods.base import HybridPruner, scale_layers
 from mmprune.methods.divprune import max_min_diverse
+from mmprune.methods.params import Bool, Float, Int, param
 
 
 @dataclass
@@ -34,9 +35,12 @@ class ToDREPruner(HybridPruner):
     """
 
     keep: int | float = 0.1
-    drop_layer: int | None = None
-    adaptive: bool = False
-    migration_threshold: float = 0.05
+    drop_layer: int | None = param(None, Int(1, optional=True),
+                                   "first layer without visual tokens (default: 16 of 32, scaled to the depth)")
+    adaptive: bool = param(False, Bool(), "drop each image once the last token's attention to it falls below "
+                           "migration_threshold")
+    migration_threshold: float = param(0.05, Float(0, 1, low_open=True, high_open=True),
+                                       "with adaptive: attention mass below which an image's tokens leave")
 
     name: ClassVar[str] = "todre"
     summary: ClassVar[str] = "k-center diverse subset pre-LLM, then all visual tokens dropped mid-LLM (ToDRE)"
@@ -44,15 +48,10 @@ class ToDREPruner(HybridPruner):
     default_positions: ClassVar[str | None] = "original"
     variable_counts: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.drop_layer is not None and (isinstance(self.drop_layer, bool) or not isinstance(self.drop_layer, int)
-                                            or self.drop_layer < 1):
-            raise ValueError(f"drop_layer={self.drop_layer!r}: expected None or an int >= 1")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive={self.adaptive!r}: expected True or False")
-        if not 0.0 < self.migration_threshold < 1.0:
-            raise ValueError(f"migration_threshold={self.migration_threshold!r}: expected a float in (0, 1)")
+    def check_model(self, num_layers: int) -> None:
+        if self.drop_layer is not None and self.drop_layer >= num_layers:
+            raise ValueError(f"todre: drop_layer={self.drop_layer} is beyond the model: its language model has "
+                             f"{num_layers} layers, so expected 1..{num_layers - 1}")
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         features = F.normalize(tokens.embeds.float(), dim=-1)
@@ -62,9 +61,7 @@ class ToDREPruner(HybridPruner):
     def first_drop_layer(self, num_layers: int) -> int:
         if self.drop_layer is None:
             return scale_layers([16], num_layers)[0]
-        if self.drop_layer >= num_layers:
-            raise ValueError(f"drop_layer={self.drop_layer} is not inside a {num_layers}-layer language model: "
-                             f"expected 1..{num_layers - 1}")
+        self.check_model(num_layers)
         return self.drop_layer
 
     def plan(self, images: list, num_layers: int) -> tuple[list[int], list[list[int]]]:

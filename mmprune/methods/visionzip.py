@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mmprune.engine.tokens import Selection, VisualTokens
 from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.params import Int, param
 from mmprune.methods.fastervlm import token_scores
 
 
@@ -44,16 +45,11 @@ class VisionZipPruner(PreLLMPruner):
     """
 
     keep: int | float = 64 / 576
-    contextual: int | None = None
+    contextual: int | None = param(None, Int(0, optional=True),
+                                   "contextual (merged) tokens (default: round(k * 10 / 64), 5% without [CLS])")
 
     name: ClassVar[str] = "visionzip"
     summary: ClassVar[str] = "dominant tokens by encoder attention + merged contextual tokens (VisionZip)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.contextual is not None and (isinstance(self.contextual, bool) or not isinstance(self.contextual, int)
-                                            or self.contextual < 0):
-            raise ValueError(f"contextual={self.contextual!r} is not valid: expected None or an int >= 0")
 
     def split(self, tokens: VisualTokens, k: int) -> tuple[int, int]:
         """(dominant, contextual) counts for a budget of ``k`` output tokens."""

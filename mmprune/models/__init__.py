@@ -17,6 +17,10 @@ def supported_families() -> list[str]:
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise ValueError(
+            "this model was compiled with torch.compile: attach to the uncompiled model (model._orig_mod, or before "
+            "compiling); pruning changes sequence lengths inside the forward, which a compiled graph does not follow")
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)
