@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import mmprune
@@ -32,43 +34,135 @@ def parse_keep(text: str) -> int | float:
         raise CliError(f"--keep: {exc}") from None
 
 
+GENERIC_HELP = {
+    "keep": "the budget: an int (tokens) or a float in (0, 1] (fraction)",
+    "positions": "'renumber', 'original' or None (the family's reference behaviour)",
+}
+
+
+def show(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+def method_details(name: str) -> list[str]:
+    """Lines describing one method: stage, what keep means, every hyper-parameter with default and allowed values."""
+    cls = mmprune.METHODS[name]
+    doc = [line.strip() for line in (cls.__doc__ or "").strip().splitlines()]
+    paper = next((line.removeprefix("Paper:").strip() for line in doc if line.startswith("Paper:")), "")
+    lines = [f"{name} ({cls.stage}): {cls.summary}", f"  paper: {paper or doc[0] if doc else ''}",
+             f"  keep means: {cls.keep_means} (default {show(cls.keep)})"]
+    for spec in fields(cls):
+        if not spec.init:
+            continue
+        check = spec.metadata.get("check")
+        allowed = f"; allowed: {check.describe()}" if check is not None else ""
+        help_text = spec.metadata.get("help") or GENERIC_HELP.get(spec.name, "")
+        lines.append(f"  {spec.name} = {show(spec.default)}: {help_text}{allowed}")
+    return lines
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
+    if args.name is not None:
+        try:
+            name = mmprune.registry.resolve_name(args.name)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        print("\n".join(method_details(name)))
+        return
     rows = [(name, cls.stage, cls.summary) for name, cls in sorted(mmprune.METHODS.items())]
     width = max(len(r[0]) for r in rows)
     stage_width = max(len(r[1]) for r in rows)
     print(f"{'method':<{width}}  {'stage':<{stage_width}}  description")
     for name, stage, summary in rows:
         print(f"{name:<{width}}  {stage:<{stage_width}}  {summary}")
+        if args.verbose:
+            print("\n".join(method_details(name)[2:]))
 
 
-def load(model_id: str):
-    """Model and processor from a local path or hub id, through the stock HF auto classes."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def looks_like_path(model_id: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a folder."""
+    return (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+            or Path(model_id).exists())
+
+
+def resolve_device(device: str | None) -> str:
     import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r} is not a torch device: expected e.g. cpu, cuda, cuda:1, mps") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, dtype)
+
+
+def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implementation: str | None = None):
+    """Model and processor from a local path or hub id, through the stock HF auto classes."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    path = Path(model_id).expanduser()
+    if looks_like_path(model_id):
+        if not path.exists():
+            raise CliError(f"--model {model_id!r}: no such folder")
+        if not path.is_dir():
+            raise CliError(f"--model {model_id!r} is a file: expected a model folder (config.json, weights, "
+                           "processor files) or a hub id")
     hf_logging.disable_progress_bar()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
+        processor = AutoProcessor.from_pretrained(str(path) if looks_like_path(model_id) else model_id)
+        model = AutoModelForImageTextToText.from_pretrained(str(path) if looks_like_path(model_id) else model_id,
+                                                            dtype=resolve_dtype(dtype, device), **extra)
+    except (OSError, ValueError, ImportError) as exc:
         raise CliError(f"--model {model_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
-    return model.eval(), processor
+    return model.to(device).eval(), processor
 
 
-def build_inputs(processor, image, prompt: str):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def parse_params(items: list[str] | None) -> dict:
+    """``--param name=value`` pairs; values are Python literals (``[4, 8]``, ``0.5``, ``True``), else strings."""
+    params = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise CliError(f"--param {item!r}: expected NAME=VALUE, e.g. --param layers=[4,8]")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        params[name.strip()] = value
+    return params
+
+
+def build_inputs(processor, images: list, prompt: str):
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
     if getattr(processor, "chat_template", None):
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
     else:
-        text = f"USER: <image>\n{prompt} ASSISTANT:"
-    return processor(images=image, text=text, return_tensors="pt")
+        text = f"USER: {'<image>' * len(images)}\n{prompt} ASSISTANT:"
+    return processor(images=images, text=text, return_tensors="pt")
 
 
-def run_once(model, processor, pruner, image, prompt: str, max_new_tokens: int) -> dict:
+def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens: int) -> dict:
     import torch
 
-    inputs = build_inputs(processor, image, prompt)
+    inputs = build_inputs(processor, images, prompt).to(model.device)
     started = time.perf_counter()
     with pruner.attach(model), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -87,36 +181,75 @@ def run_once(model, processor, pruner, image, prompt: str, max_new_tokens: int) 
         "positions": stats["positions"],
         "selection_ms": stats["selection_ms"],
         "generate_s": elapsed,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config._attn_implementation,
         "kept": final_kept(stats)[0],
+        # per image: output tokens that carry merged/pooled content; they count in visual_tokens_after and occupy a
+        # slot listed in kept (their target's), so kept alone under-counts what a merging method passes on
+        "merged": [image["merged"] for image in sample["images"]],
+        "stats": stats,
     }
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def read_image(path_text: str):
     from PIL import Image
 
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise CliError(f"--image {args.image!r}: no such file")
+    path = Path(path_text)
+    if path.is_dir():
+        raise CliError(f"--image {path_text!r} is a directory: expected an image file")
+    if not path.is_file():
+        raise CliError(f"--image {path_text!r}: no such file")
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise CliError(f"--image {path_text!r} is not a readable image: {exc}") from None
+
+
+def save_kept(path_text: str, images: list, stats: dict) -> list[str]:
+    """One drawing per image: FILE for a single image, FILE's stem + _<i> for several."""
+    from mmprune.viz import describe, draw_kept
+
+    path = Path(path_text)
+    if path.is_dir():
+        raise CliError(f"--save-kept {path_text!r} is a directory: expected an image file name such as kept.png")
+    written = []
+    for i, image in enumerate(images):
+        target = path if len(images) == 1 else path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}")
+        try:
+            draw_kept(image, stats, image=i, title=describe(stats, image=i)).save(target)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--save-kept {str(target)!r} could not be written: {exc}") from None
+        written.append(str(target))
+    return written
+
+
+def cmd_run(args: argparse.Namespace) -> None:
     keep = parse_keep(args.keep)
     try:
-        pruner = mmprune.get(args.method, keep=keep)
-    except ValueError as exc:
-        raise CliError(f"--method: {exc}") from None
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except OSError as exc:
-        raise CliError(f"--image {args.image!r} is not a readable image: {exc}") from None
-    model, processor = load(args.model)
-    try:
-        result = run_once(model, processor, pruner, image, args.prompt, args.max_new_tokens)
+        pruner = mmprune.get(args.method, keep=keep, **parse_params(args.param))
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    images = [read_image(path) for path in args.image]
+    device = resolve_device(args.device)
+    model, processor = load(args.model, device, args.dtype, args.attn_implementation)
+    try:
+        result = run_once(model, processor, pruner, images, args.prompt, args.max_new_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    stats = result.pop("stats")
+    if args.save_kept:
+        result["saved"] = save_kept(args.save_kept, images, stats)
     if args.json:
         print(json.dumps(result))
         return
     print(result["answer"])
+    merged = sum(result["merged"])
     print(f"[{result['method']} keep={result['keep']}] visual tokens {result['visual_tokens_before']} -> "
-          f"{result['visual_tokens_after']} (selection {result['selection_ms']:.1f} ms)")
+          f"{result['visual_tokens_after']}{f' ({merged} merged)' if merged else ''} "
+          f"(selection {result['selection_ms']:.1f} ms)")
+    for path in result.get("saved", []):
+        print(f"kept tokens drawn in {path}")
 
 
 def parse_list(text: str, what: str, convert) -> list:
@@ -191,15 +324,27 @@ def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprune", description="Visual token pruning for HF vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)
-    run = sub.add_parser("run", help="answer one prompt about one image with a pruning method")
+    methods = sub.add_parser("methods", help="list the registered methods; `methods NAME` details one")
+    methods.add_argument("name", nargs="?", help="a method: its hyper-parameters, defaults and what keep means")
+    methods.add_argument("--verbose", "-v", action="store_true", help="every method's hyper-parameters")
+    methods.set_defaults(func=cmd_methods)
+    run = sub.add_parser("run", help="answer one prompt about one or more images with a pruning method")
     run.add_argument("--model", default=str(SHIPPED_MODEL),
                      help="local path or hub id of a supported HF VLM (default: the shipped shapes-llava model)")
     run.add_argument("--method", required=True, help="method name (see `mmprune methods`)")
     run.add_argument("--keep", required=True, help="int: visual tokens kept per image; float in (0, 1]: fraction")
-    run.add_argument("--image", required=True, help="image file")
+    run.add_argument("--image", required=True, action="append",
+                     help="image file (repeat for several images in one prompt)")
     run.add_argument("--prompt", required=True, help="question about the image")
+    run.add_argument("--param", action="append", metavar="NAME=VALUE",
+                     help="a method hyper-parameter, e.g. --param layers=[4,8] (repeatable; see `mmprune methods NAME`)")
+    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: bfloat16 on GPU, float32 "
+                     "on CPU)")
+    run.add_argument("--attn-implementation", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+                     help="the model's attention implementation (default: transformers' choice)")
     run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--save-kept", metavar="FILE", help="draw each image with its pruned tokens greyed out (PNG)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.set_defaults(func=cmd_run)
     bench = sub.add_parser("bench", help="accuracy, tokens, FLOPs, latency, KV memory and stability per method x keep")

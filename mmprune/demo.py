@@ -2,8 +2,8 @@
 
 No network: the model is the project's own small LLaVA (``mmprune/zoo/shapes_llava``, trained by
 ``python -m mmprune.zoo.train``), loaded with the stock HF classes. Prints a table (method, kept tokens, accuracy,
-prefill time) and writes one PNG per method with the kept patches of the first image and its relevant objects
-outlined.
+prefill time) and writes one PNG per method with the kept patches of the first image, its relevant objects
+outlined and a title (method, budget, kept tokens, the answer).
 """
 
 from __future__ import annotations
@@ -11,34 +11,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 import mmprune
-from mmprune.bench.accuracy import evaluate
+from mmprune.bench.accuracy import answer, evaluate
 from mmprune.data import synthetic
+from mmprune.viz import TITLE_HEIGHT, describe, draw_kept
 from mmprune.zoo import SHIPPED_MODEL, load_shipped
 
 METHODS = ("random", "fastervlm", "visionzip")
 BUDGET = 64 / 576  # LLaVA-1.5's 64-token setting, as a share of the image's tokens
 
 
-def draw_kept(image: Image.Image, kept: list[int], side: int, boxes, path: Path, scale: int = 4) -> None:
-    """The image with every pruned patch greyed out and the question's objects outlined in white."""
-    out = image.convert("RGBA")
-    overlay = Image.new("RGBA", out.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    cell = out.size[0] / side
-    keep = set(kept)
-    for index in range(side * side):
-        if index not in keep:
-            r, c = divmod(index, side)
-            draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=(20, 20, 20, 190))
-    big = Image.alpha_composite(out, overlay).convert("RGB").resize((out.size[0] * scale,) * 2, Image.NEAREST)
-    draw = ImageDraw.Draw(big)
-    for x0, y0, x1, y1 in boxes:
-        draw.rectangle([x0 * scale - 2, y0 * scale - 2, x1 * scale + 1, y1 * scale + 1], outline=(255, 255, 255),
-                       width=2)
-    big.save(path)
+def draw_example(model, processor, pruner, example, path: Path, scale: int = 4) -> str:
+    """Answer ``example`` with ``pruner`` attached and save its image with the pruned patches greyed out, the
+    question's objects outlined in white and a title (method, budget, kept tokens, answer). Returns the answer."""
+    result = answer(model, processor, [example.image], [example.question], pruner)
+    reply = result["answers"][0]
+    title = f"{describe(result['stats'])}; answer {reply!r}"
+    picture = draw_kept(example.image, result["stats"], title=title, scale=scale)
+    draw = ImageDraw.Draw(picture)
+    for x0, y0, x1, y1 in example.boxes:
+        draw.rectangle([x0 * scale - 2, y0 * scale - 2 + TITLE_HEIGHT, x1 * scale + 1, y1 * scale + 1 + TITLE_HEIGHT],
+                       outline=(255, 255, 255), width=2)
+    picture.save(path)
+    return reply
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(model, processor, samples, pruner=pruner, timed=True)
         rows.append((name, side * side if pruner is None else keep, result))
         if pruner is not None:
-            draw_kept(first.image, result["kept"][0][0], side, first.boxes, out / f"kept_{name}.png")
+            draw_example(model, processor, pruner, first, out / f"kept_{name}.png")
         print(f"  {name:<10} answers {result['answers'][0]!r}")
 
     print(f"\n{'method':<10} {'tokens':>6} {'accuracy':>9} {'prefill s':>10}")

@@ -87,10 +87,87 @@ def test_missing_image_file(model_dir, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_missing_model(image_file, tmp_path, capsys):
-    assert run("run", "--model", str(tmp_path / "absent"), "--method", "random", "--keep", "4", "--image",
-               image_file, "--prompt", "q") == 2
-    assert "could not be loaded" in capsys.readouterr().err
+@pytest.mark.parametrize("kind", ["absent", "file"])
+def test_missing_model_folder_says_what_is_wrong(kind, image_file, tmp_path, capsys):
+    target = tmp_path / "absent"
+    if kind == "file":
+        target = tmp_path / "model.bin"
+        target.write_bytes(b"")
+    assert run("run", "--model", str(target), "--method", "random", "--keep", "4", "--image", image_file,
+               "--prompt", "q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("no such folder" if kind == "absent" else "is a file: expected a model folder") in err[0]
+
+
+def test_a_directory_as_image(model_dir, tmp_path, capsys):
+    assert run("run", "--model", model_dir, "--method", "random", "--keep", "4", "--image", str(tmp_path),
+               "--prompt", "q") == 2
+    assert "is a directory: expected an image file" in capsys.readouterr().err
+
+
+def test_params_dtype_attention_and_several_images_are_honoured(model_dir, image_file, tmp_path, capsys):
+    kept = tmp_path / "kept.png"
+    assert run("run", "--model", model_dir, "--method", "pyramiddrop", "--keep", "0.75", "--param", "layers=[1,2]",
+               "--param", "lam=0.5", "--image", image_file, "--image", image_file, "--prompt", "q",
+               "--max-new-tokens", "2", "--dtype", "bfloat16", "--attn-implementation", "eager", "--device", "cpu",
+               "--save-kept", str(kept), "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16" and result["attn_implementation"] == "eager" and result["device"] == "cpu"
+    assert result["visual_tokens_before"] == 32 and len(result["kept"]) == 2
+    assert result["tokens_per_layer"] == [32, 16, 8, 8]  # lam 0.5 at layers 1 and 2, per image
+    assert result["saved"] == [str(tmp_path / "kept_0.png"), str(tmp_path / "kept_1.png")]
+    assert all(Image.open(p).size[0] == 40 for p in result["saved"])
+
+
+def test_dtype_defaults_to_float32_on_cpu(model_dir, image_file, capsys):
+    assert run("run", "--model", model_dir, "--method", "random", "--keep", "4", "--image", image_file,
+               "--prompt", "q", "--max-new-tokens", "1", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"
+
+
+def test_json_counts_merged_tokens_beside_kept(model_dir, image_file, capsys):
+    assert run("run", "--model", model_dir, "--method", "visionzip", "--keep", "8", "--image", image_file,
+               "--prompt", "q", "--max-new-tokens", "1", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    # 8 outputs: [CLS] and one contextual token carry new content (round(8 * 10 / 64) = 1); the contextual token
+    # occupies its target's slot and [CLS] shares the first dominant patch's, so 7 distinct slots are kept
+    assert result["merged"] == [2] and result["visual_tokens_after"] == 8 and len(result["kept"][0]) == 7
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--param", "layers"), "--param 'layers': expected NAME=VALUE"),
+    (("--param", "lam=2.0"), "pyramiddrop: lam=2.0 is not valid: expected None or a number in (0, 1]"),
+    (("--param", "lamda=0.5"), "unknown parameter 'lamda' (did you mean 'lam'?)"),
+    (("--param", "layers=[1,9]"), "layers=[1, 9] is beyond the model: layer 9 is not inside its 4-layer"),
+    (("--device", "cuda"), "no CUDA device is available"),
+    (("--device", "toaster"), "--device 'toaster' is not a torch device"),
+])
+def test_bad_run_options_exit_2_with_one_line(args, message, model_dir, image_file, capsys):
+    if args[:2] == ("--device", "cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run("run", "--model", model_dir, "--method", "pyramiddrop", "--keep", "0.75", "--image", image_file,
+               "--prompt", "q", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_methods_name_lists_hyper_parameters(capsys):
+    assert run("methods", "PyramidDrop") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pyramiddrop (in-llm)")
+    assert "keep means: equivalent average visual tokens per layer (default 0.4688)" in out
+    assert "lam = None: lambda, the share kept at each stage" in out and "allowed: None or a number in (0, 1]" in out
+    assert "layers = None" in out and "paper: \"PyramidDrop" in out
+    assert run("methods", "pyramid") == 2
+    assert "did you mean 'pyramiddrop'" in capsys.readouterr().err
+
+
+def test_methods_verbose_lists_every_method_with_its_parameters(capsys):
+    assert run("methods", "--verbose") == 0
+    out = capsys.readouterr().out
+    for name, cls in mmprune.METHODS.items():
+        assert f"keep means: {cls.keep_means}" in out
+    assert "  seed = 0: base seed of the draw; allowed: an int >= 0" in out
 
 
 def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
