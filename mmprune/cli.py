@@ -279,15 +279,35 @@ def load_data(spec: str, seed: int):
     raise CliError(f"--data {spec!r}: expected synthetic:N or a .jsonl file")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def display_path(text: str) -> str:
+    """What results files record of a user's path: the shipped model by name, a relative path as given, an absolute
+    one by its last part (no machine's directory layout in shared results)."""
+    path = Path(text)
+    if path.resolve() == Path(SHIPPED_MODEL).resolve():
+        return "shapes-llava (mmprune/zoo/shapes_llava)"
+    return path.name if path.is_absolute() else text
+
+
+def positive(value: int, option: str) -> int:
+    if value < 1:
+        raise CliError(f"{option} {value}: expected an int >= 1")
+    return value
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from mmprune.bench.report import write_results
     from mmprune.bench.sweep import SweepSettings, run_sweep
 
-    methods = mmprune.available() if args.methods == "all" else parse_list(args.methods, "--methods", str)
-    unknown = [m for m in methods if m not in mmprune.METHODS]
-    if unknown:
-        raise CliError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(mmprune.available())}")
+    methods = (mmprune.available() if args.methods == "all"
+               else [resolve_method(m) for m in parse_list(args.methods, "--methods", str)])
     keeps = [parse_keep(k) for k in parse_list(args.keep, "--keep", str)]
+    for option, value in (("--batch", args.batch), ("--reps", args.reps), ("--decode-steps", args.decode_steps)):
+        positive(value, option)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {args.out!r} is an existing file: expected a folder (created if missing)")
     if args.speed:
         return bench_speed(args, [m for m in methods if m != "none"], keeps)
     samples = load_data(args.data, args.seed)
@@ -295,23 +315,37 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = SweepSettings(methods=methods, keeps=keeps, batch=args.batch, reps=args.reps,
                              decode_steps=args.decode_steps, seed=args.seed)
     rows = run_sweep(model, processor, samples, settings)
-    config = {"model": args.model, "data": args.data, "questions": len(samples), "methods": methods,
-              "keeps": keeps, "seed": args.seed, "batch": args.batch, "reps": args.reps,
-              "timing_samples": settings.timing_samples, "decode_steps": args.decode_steps}
-    paths = write_results(rows, args.out, config)
+    config = {"model": display_path(args.model), "data": display_path(args.data), "questions": len(samples),
+              "methods": methods, "keeps": keeps, "seed": args.seed, "batch": min(args.batch, len(samples)),
+              "reps": args.reps, "timing_batch": min(settings.timing_samples, len(samples)),
+              "decode_steps": args.decode_steps, "family_counts": dict(Counter(s.family for s in samples))}
+    paths = write_results(rows, out, config)
     failed = [f"{r['method']}@{r['keep']}" for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} rows ({len(failed)} failed{': ' + ', '.join(failed) if failed else ''}); wrote "
           + ", ".join(str(p) for p in paths.values()))
+    requested = set(methods) - {"none"} or {"none"}
+    if not any(r["status"] == "ok" for r in rows if r["method"] in requested):
+        print(f"mmprune: error: no row of {', '.join(sorted(requested))} succeeded (see the status column)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
-def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> None:
+def resolve_method(name: str) -> str:
+    try:
+        return mmprune.registry.resolve_name(name)
+    except ValueError as exc:
+        raise CliError(f"--methods: {exc}") from None
+
+
+def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> int:
     import json as json_module
 
     from mmprune.bench.speed import GEOMETRIES, speed_markdown, speed_sweep
 
     if args.geometry not in GEOMETRIES:
         raise CliError(f"--geometry {args.geometry!r}: expected one of {', '.join(GEOMETRIES)}")
-    batches = parse_list(args.batches, "--batches", int)
+    batches = [positive(b, "--batches") for b in parse_list(args.batches, "--batches", int)]
     rows = speed_sweep(args.geometry, methods, keeps, batches=batches, reps=args.reps,
                        decode_steps=args.decode_steps)
     out = Path(args.out)
@@ -319,6 +353,10 @@ def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> No
     (out / "speed.json").write_text(json_module.dumps(rows, indent=1) + "\n")
     (out / "speed.md").write_text(speed_markdown(rows) + "\n")
     print(speed_markdown(rows))
+    if not any(r["status"] == "ok" for r in rows):
+        print("mmprune: error: no method row succeeded (see the status column)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,11 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CliError as exc:
         print(f"mmprune: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

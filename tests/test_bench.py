@@ -101,12 +101,87 @@ def test_a_failing_method_is_a_failed_row_and_the_sweep_goes_on(loaded, monkeypa
 
 
 def test_bad_bench_input(model_dir, tmp_path, capsys):
-    for args, message in ((["--methods", "nope"], "--methods: unknown nope"),
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    for args, message in ((["--methods", "nope"], "--methods: unknown method 'nope'"),
+                          (["--methods", "visonzip"], "did you mean 'visionzip'"),
                           (["--data", "synthetic:x"], "expected synthetic:N"),
                           (["--data", "file.txt"], "expected synthetic:N or a .jsonl file"),
-                          (["--keep", "0"], "keep=0 is out of range")):
-        assert main(["bench", "--model", model_dir, "--out", str(tmp_path), *args]) == 2
-        assert message in capsys.readouterr().err
+                          (["--keep", "0"], "keep=0 is out of range"),
+                          (["--batch", "0"], "--batch 0: expected an int >= 1"),
+                          (["--reps", "0"], "--reps 0: expected an int >= 1"),
+                          (["--decode-steps", "0"], "--decode-steps 0: expected an int >= 1"),
+                          (["--speed", "--batches", "1,0"], "--batches 0: expected an int >= 1"),
+                          (["--out", str(a_file)], "is an existing file: expected a folder")):
+        argv = ["bench", "--model", model_dir, "--out", str(tmp_path), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+
+
+def test_bench_exits_nonzero_when_no_requested_row_succeeds(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    assert main(["bench", "--model", model_dir, "--methods", "broken", "--keep", "4", "--data", "synthetic:3",
+                 "--batch", "3", "--reps", "1", "--decode-steps", "1", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "no row of broken succeeded" in captured.err
+    assert "broken@4" in captured.out  # the files are still written, with the failed row
+
+
+def test_implausible_timings_are_flagged_and_kept_out_of_the_plot():
+    from mmprune.bench.report import markdown, speedup_series
+    from mmprune.bench.sweep import flag_noisy_timings
+
+    def row(method, keep, tokens, measured, predicted, e2e=1.0, e2e_predicted=1.0):
+        return {"method": method, "keep": keep, "status": "ok", "accuracy": 0.5, "retention": 1.0,
+                "visual_tokens_llm_input": tokens, "equivalent_tokens": tokens, "flops_speedup": predicted,
+                "prefill_speedup": measured, "e2e_speedup": e2e, "flops_e2e_speedup": e2e_predicted,
+                "kv_bytes": 0.0, "selection_share": 0.0, "stability": 1.0, "families": {}}
+
+    rows = [row("none", 1.0, 144, 1.02, 1.0), row("fastv", 0.33, 48, 2.0, 1.9),
+            row("fastv", 0.11, 16, 9.0, 2.8), row("dart", 0.11, 16, 2.5, 2.7, e2e=16.4, e2e_predicted=2.1)]
+    flag_noisy_timings(rows)
+    assert [r["timing_noisy"] for r in rows] == [None, None, "prefill 9.0x where FLOPs predict 2.8x",
+                                                 "end-to-end 16.4x where FLOPs predict 2.1x"]
+    series, top = speedup_series([r for r in rows if r["method"] != "none"])
+    # a flagged row's measured points leave the plot (its run is suspect), its FLOPs prediction stays
+    assert series["fastv"][0] == [(48, 2.0)] and series["dart"] == ([], [(16, 2.7)])
+    assert top == pytest.approx(1.15 * 2.8)
+    text = markdown(rows, {"timing_batch": 8, "batch": 16})
+    assert "| 9.00x* |" in text and "* fastv keep=0.11: prefill 9.0x where FLOPs predict 2.8x" in text
+    # a reference far from 1x against itself makes every timing suspect
+    rows[0]["prefill_speedup"] = 0.79
+    flag_noisy_timings(rows)
+    assert all("reads 0.79x" in r["timing_noisy"] for r in rows)
+
+
+def test_family_plot_uses_one_budget_and_names_who_failed_there():
+    from mmprune.bench.report import family_budget
+
+    rows = [{"method": "none", "keep": 1.0, "status": "ok", "equivalent_tokens": 144},
+            {"method": "fastv", "keep": 0.33, "status": "ok", "equivalent_tokens": 80},
+            {"method": "fastv", "keep": 0.11, "status": "ok", "equivalent_tokens": 59},
+            {"method": "feather", "keep": 0.33, "status": "ok", "equivalent_tokens": 46},
+            {"method": "feather", "keep": 0.11, "status": "failed: ValueError: cannot average 16"}]
+    target, at_target, missing = family_budget(rows)
+    assert target == 0.11 and list(at_target) == ["fastv"] and missing == ["feather"]
+
+
+def test_results_name_no_absolute_path_and_the_batches_that_ran(model_dir, tmp_path, capsys):
+    assert main(["bench", "--model", model_dir, "--methods", "uniform", "--keep", "4", "--data", "synthetic:3",
+                 "--batch", "16", "--reps", "1", "--decode-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert str(tmp_path) not in text and "model llava;" in text
+    assert "answered in batches of 3" in text and "a batch of 3 prompts" in text
+    assert "questions per family:" in text
+    config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
+    assert str(tmp_path) not in json.dumps(config) and sum(config["family_counts"].values()) == 3
+
+
+def scene_row(**fields) -> str:
+    """A JSONL line on an example image that exists, with ``fields`` added."""
+    scene = Path(__file__).parent.parent / "examples" / "images" / "scene0.png"
+    return json.dumps({"image": str(scene), "question": "q", "answers": ["a"], **fields})
 
 
 def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
@@ -118,12 +193,18 @@ def test_jsonl_loader_reads_the_example_and_scores_by_metric(tmp_path):
     assert samples[2].answers == ["no"] and samples[0].boxes == [(27, 64, 45, 82)]
     assert samples[0].image.size == (96, 96)
     assert score("0", ["0", "0", "0", "unsure"], "vqa") == 1.0 and score("0", ["0", "1", "1"], "vqa") == 1 / 3
+    # fewer than three reference answers: a match is full credit, not capped at 1/3 or 2/3
+    assert score("red", ["red"], "vqa") == 1.0 and score("red", ["red", "crimson"], "vqa") == 1.0
+    assert score("blue", ["red"], "vqa") == 0.0
     assert score("Yes, there is.", ["yes"], "yes/no") == 1.0 and score("maybe", ["no"], "yes/no") == 0.0
     bad = tmp_path / "bad.jsonl"
     for line, message in (('{"question": "q", "answers": ["a"]}', "missing image"),
                           ('{"image": "x.png", "question": "q", "answers": []}', "non-empty list"),
                           ('{"image": "x.png", "question": "q", "answers": ["a"], "metric": "bleu"}', "not one of"),
                           ('{"image": "x.png", "question": "q", "answers": ["a"]}', "cannot be read"),
+                          (scene_row(boxes=[1, 2, 3, 4]), r"'boxes' must be a list of \[x0, y0, x1, y1\]"),
+                          (scene_row(boxes=[[4, 2, 3, 9]]), "x0 < x1"),
+                          (scene_row(family=3), "'family' must be a non-empty string, got 3"),
                           ("not json", "not JSON")):
         bad.write_text(line + "\n")
         with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
+from tqdm.auto import tqdm
 
 from mmprune.data.metrics import score
 from mmprune.engine.session import final_kept
@@ -54,12 +55,14 @@ def family_accuracy(samples, answers: list[str]) -> dict:
 
 
 def evaluate(model, processor, samples, pruner=None, batch_size: int = 50, max_new_tokens: int = 4,
-             timed: bool = False) -> dict:
+             timed: bool = False, progress: str | None = None) -> dict:
     """Accuracy overall and per family: {"accuracy", "families": {family: accuracy}, "answers", "prefill_s",
     "kept": per sample, per image, the final kept token indices, "sample_stats": the pruner's per-sample stats
-    (both empty without a pruner), "text_tokens": real non-image tokens per prompt, "selection_ms"}."""
+    (both empty without a pruner), "text_tokens": real non-image tokens per prompt, "selection_ms"}. ``progress``:
+    a label for a progress bar over the batches (none when None)."""
     answers, prefill, kept, sample_stats, text_tokens, selection_ms = [], 0.0, [], [], [], 0.0
-    for start in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", leave=False) if progress else starts:
         chunk = samples[start:start + batch_size]
         out = answer(model, processor, [s.image for s in chunk], [s.question for s in chunk], pruner,
                      max_new_tokens, timed)

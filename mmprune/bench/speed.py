@@ -12,6 +12,7 @@ unpruned model (interleaved, median) next to the speedup the FLOPs model predict
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -26,7 +27,7 @@ from transformers import (
 
 import mmprune
 from mmprune.bench.flops import Geometry, prefill_flops
-from mmprune.bench.sweep import timed_pair
+from mmprune.bench.sweep import PLAUSIBLE_OVER_PREDICTION, timed_pair
 
 IMAGE_TOKEN, VISION_START, VISION_END = 32000, 32001, 32002
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -130,7 +131,7 @@ def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple
 
 
 def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(1, 16), text: int = 64,
-                reps: int = 3, decode_steps: int = 8, device: str | None = None) -> list[dict]:
+                reps: int = 3, decode_steps: int = 8, device: str | None = None, progress: bool = True) -> list[dict]:
     spec = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
     name = geometry if isinstance(geometry, str) else "custom"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,12 +141,14 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
     crops = 1 + (spec["image"] // spec["vision"]["image_size"]) ** 2 if spec["family"] == "llava_next" else 1
     reference = mmprune.get("none")
     rows = []
+    bar = tqdm(total=len(batches) * len(methods) * len(keeps), desc="speed", unit="run", disable=not progress)
     for batch in batches:
         inputs, visual, crop_tokens = inputs_for(spec, model, batch, text)
         text_tokens = inputs["input_ids"].shape[1] - visual
         base = prefill_flops(g, text_tokens, [visual] * g.layers, crops, visual, crop_tokens)["total"]
         for method in methods:
             for keep in keeps:
+                bar.set_postfix_str(f"batch {batch} {method} keep={keep}")
                 row = {"geometry": name, "batch": batch, "method": method, "keep": keep, "visual_tokens": visual,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "status": "ok"}
                 try:
@@ -160,10 +163,14 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
                                prefill_speedup=measured, flops_speedup=predicted,
                                measured_over_predicted=measured / predicted,
                                e2e_speedup=speed["e2e_ref"] / speed["e2e"],
-                               selection_share=speed["selection_ms"] / (1000 * speed["prefill"]))
+                               selection_share=speed["selection_ms"] / (1000 * speed["prefill"]),
+                               timing_noisy=(f"prefill {measured:.1f}x where FLOPs predict {predicted:.1f}x"
+                                             if measured > PLAUSIBLE_OVER_PREDICTION * predicted else None))
                 except Exception as exc:  # reported, the sweep goes on  # noqa: BLE001
                     row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 rows.append(row)
+                bar.update()
+    bar.close()
     return rows
 
 
@@ -178,6 +185,9 @@ def speed_markdown(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['geometry']} | {r['device']} | {r['batch']} | {r['method']} | {r['keep']} | "
                      f"{r['equivalent_tokens']:.0f} | {r['prefill_ms']:.0f} ({r['prefill_ms_unpruned']:.0f}) | "
-                     f"{r['prefill_speedup']:.2f}x | {r['flops_speedup']:.2f}x | {r['measured_over_predicted']:.2f} | "
+                     f"{r['prefill_speedup']:.2f}x{'*' if r.get('timing_noisy') else ''} | {r['flops_speedup']:.2f}x | "
+                     f"{r['measured_over_predicted']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {100 * r['selection_share']:.1f} |")
-    return "\n".join(lines)
+    noisy = [f"* batch {r['batch']} {r['method']} keep={r['keep']}: {r['timing_noisy']} (noise, not a result)"
+             for r in rows if r.get("timing_noisy")]
+    return "\n".join(lines + ([""] + noisy if noisy else []))

@@ -49,8 +49,20 @@ def load_jsonl(path: str | Path) -> list[Sample]:
             image = Image.open(image_path).convert("RGB")
         except OSError as exc:
             raise ValueError(f"{where}: image {str(image_path)!r} cannot be read ({exc})") from None
-        samples.append(Sample(image, row["question"], answers, row.get("family", "all"),
-                              [tuple(b) for b in row.get("boxes", [])], index=len(samples), metric=metric))
+        family = row.get("family", "all")
+        if not isinstance(family, str) or not family:
+            raise ValueError(f"{where}: 'family' must be a non-empty string, got {family!r}")
+        boxes = row.get("boxes", [])
+        if not isinstance(boxes, list) or not all(
+                isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in b) and b[0] < b[2] and b[1] < b[3]
+                for b in boxes):
+            raise ValueError(f"{where}: 'boxes' must be a list of [x0, y0, x1, y1] pixel boxes with x0 < x1 and "
+                             f"y0 < y1, got {boxes!r}")
+        if not isinstance(row["question"], str):
+            raise ValueError(f"{where}: 'question' must be a string, got {row['question']!r}")
+        samples.append(Sample(image, row["question"], answers, family, [tuple(b) for b in boxes],
+                              index=len(samples), metric=metric))
     if not samples:
         raise ValueError(f"data file {str(path)!r} holds no questions")
     return samples

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from PIL import Image
 
 import mmprune
@@ -78,7 +79,7 @@ def run_batched(model, processor, samples, pruner_for_chunk, batch_size: int) ->
     """``evaluate`` over chunks, each with its own pruner (kept sets that depend on the samples): accuracy overall
     and per family."""
     answers = []
-    for start in range(0, len(samples), batch_size):
+    for start in tqdm(range(0, len(samples), batch_size), desc="locality", unit="batch", leave=False):
         chunk = samples[start:start + batch_size]
         answers += evaluate(model, processor, chunk, pruner=pruner_for_chunk(chunk), batch_size=batch_size)["answers"]
     return family_accuracy(samples, answers)
@@ -92,20 +93,21 @@ def measure(model_path: str | Path = SHIPPED_MODEL, n: int = 1000, seed: int = 0
     samples = synthetic.generate(n, seed=seed, size=image_size)
     report: dict = {"model": str(model_path), "n": n, "seed": seed, "visual_tokens": tokens}
 
-    clean = evaluate(model, processor, samples, batch_size=batch_size)
+    clean = evaluate(model, processor, samples, batch_size=batch_size, progress="unpruned")
     report["accuracy"] = {"overall": clean["accuracy"], **clean["families"]}
 
     rng = np.random.default_rng([seed, 7])
     noisy = [synthetic.Sample(Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)),
                               s.question, s.answers, s.family, s.boxes, s.index, s.seed) for s in samples]
-    noise = evaluate(model, processor, noisy, batch_size=batch_size)
+    noise = evaluate(model, processor, noisy, batch_size=batch_size, progress="noise images")
     report["noise_image"] = {"overall": noise["accuracy"], **noise["families"]}
     report["chance"] = chance(samples)
 
     with_boxes = [s for s in samples if s.boxes]
     quarter = max(1, tokens // 4)
     for name in ("fastervlm", "random"):
-        out = evaluate(model, processor, with_boxes, pruner=mmprune.get(name, keep=quarter), batch_size=batch_size)
+        out = evaluate(model, processor, with_boxes, pruner=mmprune.get(name, keep=quarter), batch_size=batch_size,
+                       progress=f"{name} recall")
         report["cls_top25" if name == "fastervlm" else "random_25"] = coverage(with_boxes, out["kept"], image_size,
                                                                                 grid)
 
@@ -136,7 +138,7 @@ def measure(model_path: str | Path = SHIPPED_MODEL, n: int = 1000, seed: int = 0
                                  ("visionzip", "visionzip", {}), ("divprune", "divprune", {}),
                                  ("fastervlm, original positions", "fastervlm", {"positions": "original"})):
         pruner = mmprune.get(name, keep=budget, **options)
-        out = evaluate(model, processor, samples, pruner=pruner, batch_size=batch_size)
+        out = evaluate(model, processor, samples, pruner=pruner, batch_size=batch_size, progress=label)
         report["pruned_11pct"][label] = {"overall": out["accuracy"], **out["families"]}
     return report
 
