@@ -8,6 +8,7 @@ from dataclasses import fields
 from mmprune.methods import (
     DARTPruner,
     DivPrunePruner,
+    EVSPruner,
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
@@ -40,6 +41,7 @@ METHODS: dict[str, type[Pruner]] = {
         ToDREPruner,
         VisionDropPruner,
         SparseVLMPruner,
+        EVSPruner,
     )
 }
 

@@ -27,6 +27,12 @@ def family(request) -> str:
     return request.param
 
 
+def pruning(modality: str) -> list[str]:
+    """Registered methods that reduce ``modality``'s tokens (``none`` keeps everything; EVS leaves images whole)."""
+    return [m for m, cls in sorted(mmprune.METHODS.items())
+            if m != "none" and modality in cls.modalities and modality not in cls.passes_through]
+
+
 def keep_for(method: str) -> float:
     """A budget every test model can meet: multi-stage methods average over layers, and every token runs until
     their first stage, so a quarter is out of reach on a 4-layer model."""

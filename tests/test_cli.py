@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import mmprune
-from conftest import averages_over_layers
+from conftest import averages_over_layers, pruning
 from mmprune.cli import main
 from mmprune.zoo.tiny_random import build_tiny_llava
 
@@ -37,7 +37,7 @@ def test_methods_lists_every_method_with_stage(capsys):
     assert [line.split()[1] for line in out[1:]] == [mmprune.METHODS[m].stage for m in mmprune.available()]
 
 
-@pytest.mark.parametrize("method", [m for m in mmprune.available() if m != "none"])
+@pytest.mark.parametrize("method", pruning("image"))
 def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
     multi_stage = averages_over_layers(method)
     keep = 8 if multi_stage else 4  # multi-stage: the average over layers; every token runs until stage 1

@@ -88,7 +88,7 @@ def test_inputs_embeds_without_input_ids_is_an_error():
     model = tiny_model("llava")
     inputs = tiny.batch("llava", [[3, ("img", 0), 4]])
     embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-    with mmprune.get("random").attach(model), pytest.raises(ValueError, match="locates image tokens through input_ids"):
+    with mmprune.get("random").attach(model), pytest.raises(ValueError, match="locates media tokens through input_ids"):
         with torch.no_grad():
             model(inputs_embeds=embeds, **inputs)
 

@@ -19,7 +19,7 @@ from conftest import keep_for, tiny_model
 
 import mmprune
 from mmprune.engine.layers import StageContext
-from mmprune.engine.tokens import Segment, Selection
+from mmprune.media import Segment, Selection
 from mmprune.methods.base import HybridPruner
 
 IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage]

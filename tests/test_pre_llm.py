@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import keep_for, tiny_model
+from conftest import keep_for, pruning, tiny_model
 
 import mmprune
 import tiny
 from mmprune.engine.session import final_kept
 
-METHODS = [m for m in mmprune.available() if m != "none"]  # methods that prune (none: its own test)
+METHODS = pruning("image")  # methods that prune images (none: its own test; EVS prunes videos only)
 PRE_LLM = [m for m in METHODS if mmprune.METHODS[m].stage == "pre-llm"]
 HYBRID = [m for m in METHODS if mmprune.METHODS[m].stage == "pre+in-llm"]
 GEN = dict(max_new_tokens=4, do_sample=False)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import averages_over_layers, tiny_model
+from conftest import averages_over_layers, pruning, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,10 +27,10 @@ import mmprune
 import tiny
 from mmprune import upstream
 from mmprune.engine.session import final_kept
-from mmprune.engine.tokens import Segment
+from mmprune.media import Segment
 from mmprune.methods.grid import lattice_shape, per_segment_budget
 
-METHODS = [m for m in mmprune.available() if m != "none"]
+METHODS = pruning("image")
 EXAMPLES = int(os.environ.get("MMPRUNE_HYPOTHESIS_EXAMPLES", "4"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

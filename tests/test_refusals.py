@@ -36,9 +36,9 @@ def video_inputs(family: str, with_image: bool) -> dict:
 
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["video", "image+video"])
-@pytest.mark.parametrize("method", REPRESENTATIVE)
+@pytest.mark.parametrize("method", ["fastervlm", "visiondrop", "feather"])
 @pytest.mark.parametrize("family", QWEN)
-def test_a_video_is_refused_not_passed_through_unpruned(family, method, with_image):
+def test_a_method_without_video_support_refuses_a_video(family, method, with_image):
     model = tiny_model(family)
     inputs = video_inputs(family, with_image)
     with torch.no_grad():
@@ -46,7 +46,8 @@ def test_a_video_is_refused_not_passed_through_unpruned(family, method, with_ima
     pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model):
         for run in (lambda: model.generate(**inputs, **GEN), lambda: model(**inputs)):
-            with pytest.raises(ValueError, match=r"carries video.*supported: image"), torch.no_grad():
+            with pytest.raises(ValueError, match=rf"{method} does not prune video \(it handles image\); methods "
+                                                 r"that do: .*evs.*fastv"), torch.no_grad():
                 run()
         assert pruner.stats is None
         # images alone still prune on the same attachment
@@ -56,6 +57,20 @@ def test_a_video_is_refused_not_passed_through_unpruned(family, method, with_ima
         assert sample["visual_tokens_after"] < sample["visual_tokens_before"]
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, **GEN), reference)  # detached: untouched
+
+
+def test_a_modality_the_family_does_not_handle_is_refused(monkeypatch):
+    """What the engine cannot place (here: videos, if the Qwen adapter did not declare them) is refused before the
+    encoder runs, naming the family and what it supports."""
+    from mmprune.models.qwen2_vl import Qwen2VLAdapter
+
+    monkeypatch.setattr(Qwen2VLAdapter, "modalities", ("image",))
+    model = tiny_model("qwen2_vl")
+    inputs = video_inputs("qwen2_vl", with_image=True)
+    with mmprune.get("fastv", keep=0.5).attach(model), torch.no_grad():
+        with pytest.raises(ValueError, match=r"carries video, which mmprune does not prune on qwen2-vl yet "
+                                             r"\(supported: image\)"):
+            model.generate(**inputs, **GEN)
 
 
 def test_generate_without_a_cache_is_refused(family):

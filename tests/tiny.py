@@ -79,6 +79,22 @@ def image_pixels(family: str, image_id: int) -> dict:
     return {"pixel_values": torch.randn(h * w, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": torch.tensor([[1, h, w]])}
 
 
+def video_pixels(family: str, video_id: int) -> dict:
+    """Deterministic patches of video ``video_id`` (Qwen families): 2 temporal grids of 8x8 (even ids) or 8x12
+    patches of 4 px (2 frames each), so 2 x 4 x 4 = 32 or 2 x 4 x 6 = 48 merged tokens."""
+    g = torch.Generator().manual_seed(2000 + video_id)
+    h, w = (8, 8) if video_id % 2 == 0 else (8, 12)
+    out = {"pixel_values_videos": torch.randn(2 * h * w, 3 * 2 * 4 * 4, generator=g),
+           "video_grid_thw": torch.tensor([[2, h, w]])}
+    if family == "qwen2_5_vl":
+        out["second_per_grid_ts"] = torch.tensor([1.0])
+    return out
+
+
+def tokens_per_video(family: str, video_id: int) -> int:
+    return 32 if video_id % 2 == 0 else 48
+
+
 def tokens_per_image(family: str, image_id: int) -> int:
     if family == "llava":
         return 16
@@ -88,13 +104,18 @@ def tokens_per_image(family: str, image_id: int) -> int:
 
 
 def batch(family: str, samples: list[list], side: str = "left") -> dict:
-    """Model inputs for samples described as lists of text lengths (int) and image ids (``("img", id)``)."""
+    """Model inputs for samples described as lists of text lengths (int), image ids (``("img", id)``) and, on the
+    Qwen families, video ids (``("vid", id)``)."""
     qwen = family.startswith("qwen")
-    rows, pixels = [], []
+    rows, pixels, videos = [], [], []
     for sample in samples:
         ids: list[int] = []
         for part in sample:
-            if isinstance(part, tuple):
+            if isinstance(part, tuple) and part[0] == "vid":
+                run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
+                ids += [VISION_START] + run + [VISION_END]
+                videos.append(video_pixels(family, part[1]))
+            elif isinstance(part, tuple):
                 image_id = part[1]
                 run = [IMAGE_TOKEN] * tokens_per_image(family, image_id)
                 ids += ([VISION_START] + run + [VISION_END]) if qwen else run
@@ -110,10 +131,11 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
         input_ids[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
     out = {"input_ids": input_ids, "attention_mask": mask}
-    for key in (pixels[0] if pixels else ()):
-        out[key] = torch.cat([p[key] for p in pixels])
+    for parts in (pixels, videos):
+        for key in (parts[0] if parts else ()):
+            out[key] = torch.cat([p[key] for p in parts])
     if qwen:
-        out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+        out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return out
 
 

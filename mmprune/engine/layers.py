@@ -22,19 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 from mmprune import upstream
-from mmprune.engine.sequence import ImageSpan, as_rows, compact_prefill
-from mmprune.engine.tokens import Selection
+from mmprune.engine.sequence import ItemSpan, as_rows, compact_prefill
+from mmprune.media import Selection
 
 
 @dataclass
-class ImageTrack:
-    """One image's surviving visual tokens inside the LLM."""
+class ItemTrack:
+    """One item's (image's or video's) surviving tokens inside the LLM."""
 
     sample: int
-    image_in_sample: int
+    index_in_sample: int
+    modality: str
     positions: torch.Tensor  # (n,) current sequence indices, ascending
     original: torch.Tensor  # (n,) index of each surviving token among the image's tokens before any pruning
-    segments: list = field(default_factory=list)  # the image's 2-D layout (engine.tokens.Segment), original indices
+    segments: list = field(default_factory=list)  # the image's 2-D layout (mmprune.media.Segment), original indices
 
     @property
     def count(self) -> int:
@@ -79,7 +80,7 @@ class StageContext:
         layer: the stage layer; the chosen tokens are the ones that enter it.
         hidden: ``(B, L, D)`` hidden states entering ``layer``.
         mask: ``(B, L)`` bool, real (non-padding) tokens.
-        tracks: one :class:`ImageTrack` per image (sample, current positions, original indices).
+        tracks: one :class:`ItemTrack` per image (sample, current positions, original indices).
         stage: index of this stage in the method's schedule.
     """
 
@@ -132,7 +133,7 @@ class StageContext:
             self._visual = visual
         return self._visual
 
-    def text_after(self, track: ImageTrack) -> torch.Tensor:
+    def text_after(self, track: ItemTrack) -> torch.Tensor:
         """Positions of the real non-visual tokens after the image (the instruction), ascending."""
         after = self.mask[track.sample] & ~self.visual()[track.sample]
         after[: int(track.positions.max()) + 1 if track.count else 0] = False
@@ -239,7 +240,7 @@ class LayerRunner:
         return hook
 
     # ------------------------------------------------------------------ prefill
-    def plan(self, tracks: list[ImageTrack]) -> list[list[int]]:
+    def plan(self, tracks: list[ItemTrack]) -> list[list[int]]:
         """The method's stage layers (checked) and, per image, the most tokens left after each stage."""
         layers, counts = self.pruner.plan(tracks, self.num_layers)
         layers = [int(layer) for layer in layers]
@@ -256,7 +257,7 @@ class LayerRunner:
         return counts
 
     def start_prefill(self, cache: Any, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                      hidden_shape: torch.Size, tracks: list[ImageTrack], counts: list[list[int]]) -> PrefillRecord:
+                      hidden_shape: torch.Size, tracks: list[ItemTrack], counts: list[list[int]]) -> PrefillRecord:
         batch, length = hidden_shape[0], hidden_shape[1]
         device = tracks[0].positions.device if tracks else None
         self.mode = "prefill"
@@ -322,7 +323,7 @@ class LayerRunner:
         return self._compact(index, hidden, selections)
 
     def _compact(self, index: int, hidden: torch.Tensor, selections: list[Selection]) -> torch.Tensor:
-        spans = [ImageSpan(sample=t.sample, positions=t.positions, selection=s)
+        spans = [ItemSpan(sample=t.sample, positions=t.positions, selection=s)
                  for t, s in zip(self.tracks, selections)]
         new_hidden, _, new_positions, layout = compact_prefill(hidden, self.mask, self.position_ids, spans,
                                                                self.policy)

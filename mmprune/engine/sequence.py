@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mmprune.engine.tokens import Selection
+from mmprune.media import Selection
 
 
 @dataclass
-class ImageSpan:
+class ItemSpan:
     """Where one image's visual tokens sit in the batch and what survives of them."""
 
     sample: int
@@ -33,7 +33,7 @@ class Layout:
 
     original_length: int
     compact_mask: torch.Tensor  # (B, Lc) bool: real (non-padding) tokens of the compacted prompt
-    next_positions: torch.Tensor  # (R, B) next position id per row (R = 1 for 1-D RoPE, 3 or 4 for M-RoPE)
+    next_positions: torch.Tensor  # (R, B) the last real token's position id + 1, per row (R = 1, 3 or 4)
     position_rows: int  # 0 when the model computed positions itself (position_ids=None), else R
     mask_dtype: torch.dtype
     source: torch.Tensor  # (B, Lc) index of each compacted token in the uncompacted sequence
@@ -77,7 +77,7 @@ def compact_prefill(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    spans: list[ImageSpan],
+    spans: list[ItemSpan],
     policy: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Layout]:
     """Apply the selections and drop the removed tokens. Returns (embeds, mask, position_ids, layout).
@@ -101,7 +101,7 @@ def compact_prefill(
     if all(span.selection.is_identity(span.positions.numel()) for span in spans):
         # Nothing leaves: the inputs stay exactly as given (padding slots and their positions included), so the
         # model computes what it computes unpruned.
-        next_positions = rows.masked_fill(~real.unsqueeze(0), -1).amax(dim=2) + 1
+        next_positions = after_last(rows, real)
         layout = Layout(original_length=length, compact_mask=real, next_positions=next_positions,
                         position_rows=0 if position_ids is None else rows.shape[0], mask_dtype=mask_dtype,
                         source=torch.arange(length, device=device).expand(batch, -1),
@@ -142,7 +142,7 @@ def compact_prefill(
         # stay contiguous or the mask builder would split a sample at every removed token.
         compact_rows[0] = renumbered
     compact_rows = compact_rows.masked_fill(~compact_mask.unsqueeze(0), 0)
-    next_positions = compact_rows.masked_fill(~compact_mask.unsqueeze(0), -1).amax(dim=2) + 1
+    next_positions = after_last(compact_rows, compact_mask)
 
     out_positions: torch.Tensor | None
     if position_ids is None and policy == "renumber":
@@ -164,6 +164,15 @@ def compact_prefill(
         carries=carried.gather(1, index),
     )
     return gathered, out_mask, out_positions, layout
+
+
+def after_last(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``(R, B)``: each row's position id at its last real token, + 1: where ``generate`` continues decoding
+    (``position_ids[..., -1:] + 1``). Not the row maximum: after a Qwen2.5-VL video, temporal ids can exceed the
+    trailing text's."""
+    columns = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real, columns, -1).amax(dim=1).clamp(min=0)  # (B,)
+    return rows.gather(2, last.view(1, -1, 1).expand(rows.shape[0], -1, 1)).squeeze(2) + 1
 
 
 def compaction_index(keep: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.engine.layers import ImageTrack, LayerRunner, PrefillRecord, StageLayout
-from mmprune.engine.sequence import ImageSpan, Layout, compact_prefill, decode_inputs
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.engine.layers import ItemTrack, LayerRunner, PrefillRecord, StageLayout
+from mmprune.engine.sequence import ItemSpan, Layout, compact_prefill, decode_inputs
+from mmprune.media import MODALITIES, MediaItem, Selection
 
 _MISSING = object()
 
@@ -67,7 +67,8 @@ class PruningSession:
         self._handles: list = []
         self._shadowed: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
         self._generating = 0  # depth of model.generate calls in flight
-        self._images: list[VisualTokens] | None = None
+        self._items: dict[str, list[MediaItem]] = {}  # per modality, what the encoders produced for this forward
+        self._arguments: dict = {}  # the multimodal forward's arguments (the adapter reads per-item extras)
         self._input_ids: torch.Tensor | None = None
         self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
         self.runner = LayerRunner(pruner, self.adapter, self.policy) if hasattr(pruner, "plan") else None
@@ -86,22 +87,18 @@ class PruningSession:
                 f"cannot attach {self.pruner.name}: {other.pruner.name} is already attached to this model; mmprune "
                 "does not stack methods: detach the first one (leave its `with` block) before attaching another")
         owner = adapter.image_features_owner()
-        original = owner.get_image_features
 
-        # functools.wraps keeps the signature visible: generate() inspects it to pre-encode images.
-        @functools.wraps(original)
-        def get_image_features(*args: Any, **kwargs: Any) -> Any:
-            adapter.captured = {}  # a fresh store per call; the images' lazy fields keep a reference to it
-            output = original(*args, **kwargs)
-            self._images = adapter.build_images(output, args, kwargs)
-            return output
-
-        def refusing(modality: str, encoder: Any) -> Any:
+        def capturing(modality: str, encoder: Any) -> Any:
+            # functools.wraps keeps the signature visible: generate() inspects it to pre-encode the media.
             @functools.wraps(encoder)
-            def refuse(*args: Any, **kwargs: Any) -> Any:
-                raise self._unsupported({modality})
+            def encode(*args: Any, **kwargs: Any) -> Any:
+                self._refuse_unpruned({modality})
+                adapter.captured = {}  # a fresh store per call; the items' lazy fields keep a reference to it
+                output = encoder(*args, **kwargs)
+                self._items[modality] = adapter.build_items(modality, output, args, kwargs)
+                return output
 
-            return refuse
+            return encode
 
         generate = self.model.generate
 
@@ -115,10 +112,9 @@ class PruningSession:
                 self._generating -= 1
 
         _ATTACHED[adapter.inner] = self
-        self._shadow(owner, "get_image_features", get_image_features)
+        # every encoder is wrapped: the supported ones to describe their items, the others to refuse before running
         for modality, name in upstream.feature_getters(owner).items():
-            if modality not in adapter.modalities:
-                self._shadow(owner, name, refusing(modality, getattr(owner, name)))
+            self._shadow(owner, name, capturing(modality, getattr(owner, name)))
         self._shadow(self.model, "generate", generate_tracked)
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
@@ -173,7 +169,7 @@ class PruningSession:
         self._shadowed.clear()
         if _ATTACHED.get(self.adapter.inner) is self:
             del _ATTACHED[self.adapter.inner]
-        self._images = None
+        self._items = {}
         self._input_ids = None
         self._layouts.clear()
         self._pending = None
@@ -206,11 +202,22 @@ class PruningSession:
                 "works with greedy or sampled decoding on the default dynamic KV cache (num_beams=1, "
                 "num_return_sequences=1, use_cache=True)")
 
-    def _unsupported(self, modalities: set[str]) -> ValueError:
-        return ValueError(
-            f"{self.pruner.name}: the input carries {' and '.join(sorted(modalities))}, which mmprune does not prune "
-            f"on {self.adapter.family} yet (supported: {', '.join(self.adapter.modalities)}); it would pass through "
-            "unpruned, so it is refused: pass images only, or detach the pruner")
+    def _refuse_unpruned(self, modalities: set[str]) -> None:
+        """Raise for media the engine (on this family) or the method does not prune: they would pass unpruned."""
+        family = modalities - set(self.adapter.modalities)
+        if family:
+            raise ValueError(
+                f"{self.pruner.name}: the input carries {' and '.join(sorted(family))}, which mmprune does not "
+                f"prune on {self.adapter.family} yet (supported: {', '.join(self.adapter.modalities)}); it would "
+                "pass through unpruned, so it is refused: leave it out, or detach the pruner")
+        method = modalities - set(self.pruner.modalities)
+        if method:
+            from mmprune.registry import METHODS
+
+            able = sorted(name for name, cls in METHODS.items() if method <= set(cls.modalities))
+            raise ValueError(
+                f"{self.pruner.name} does not prune {' or '.join(sorted(method))} (it handles "
+                f"{', '.join(self.pruner.modalities)}); methods that do: {', '.join(able)}")
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("labels") is not None:
@@ -222,21 +229,23 @@ class PruningSession:
     def _on_multimodal_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._inner_signature.bind_partial(*args, **kwargs).arguments
         arguments = {**bound.pop("kwargs", {}), **bound}
-        unsupported = upstream.modalities_in(arguments) - set(self.adapter.modalities)
-        if unsupported:
-            raise self._unsupported(unsupported)
+        self._refuse_unpruned(upstream.modalities_in(arguments))
         self._input_ids = arguments.get("input_ids")
-        # Images reach the forward either as pixels (encoded inside it, through the wrapper) or pre-encoded by
-        # generate() (the wrapper ran just before). A forward with neither carries no image of ours.
-        if arguments.get("pixel_values") is None and upstream.pre_encoded(arguments, "image") is None:
-            self._images = None
+        # Media reach the forward either as pixels (encoded inside it, through the wrappers) or pre-encoded by
+        # generate() (the wrappers ran just before). A modality the forward does not carry is none of ours.
+        for modality in list(self._items):
+            if not any(arguments.get(name) is not None for name in upstream.MODALITY_ARGUMENTS[modality]) and \
+                    upstream.pre_encoded(arguments, modality) is None:
+                del self._items[modality]
+        self._arguments = arguments
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        images, self._images = self._images, None
+        items = [item for modality in MODALITIES for item in self._items.get(modality, [])]
+        self._items = {}
         cache = kwargs.get(self._cache_argument)
         if self.runner is not None:
             self.runner.mode = None  # also clears what a forward that raised left behind
-        if images is not None:
+        if items:
             if cache is not None and not upstream.is_default_cache(cache):
                 raise ValueError(
                     f"{type(cache).__name__} is not supported: pruning gives each layer its own KV length, which "
@@ -246,7 +255,7 @@ class PruningSession:
                     "generate(use_cache=False) is not supported with a pruner attached: without a KV cache every "
                     "decoding step re-encodes the whole prompt, and its images would pass unpruned; use the default "
                     "use_cache=True (pruned tokens then stay out of the cache for every step)")
-            return args, self._prefill(module, kwargs, images, cache)
+            return args, self._prefill(module, kwargs, items, cache)
         if cache is not None and id(cache) in self._layouts:
             ref, layout, stages = self._layouts[id(cache)]
             if ref() is cache:
@@ -267,9 +276,9 @@ class PruningSession:
         self._pending = None
 
     # ------------------------------------------------------------------ prefill / decode
-    def _prefill(self, module: nn.Module, kwargs: dict, images: list[VisualTokens], cache: Any) -> dict:
+    def _prefill(self, module: nn.Module, kwargs: dict, items: list[MediaItem], cache: Any) -> dict:
         if self._input_ids is None:
-            raise ValueError("mmprune locates image tokens through input_ids; call the model with input_ids "
+            raise ValueError("mmprune locates media tokens through input_ids; call the model with input_ids "
                              "(as the HF processor returns them), not inputs_embeds")
         if cache is not None and upstream.cache_length(cache) > 0:
             raise ValueError("pruning a prompt that continues a non-empty KV cache is not supported; "
@@ -279,14 +288,15 @@ class PruningSession:
             raise ValueError("mmprune needs the 2-D (batch, length) attention mask; got a prepared 4-D/dict mask "
                              "(static or compiled caches are not supported)")
         embeds = kwargs["inputs_embeds"]
+        self.adapter.annotate(items, self._arguments)
 
         started = time.perf_counter()
-        spans = self._locate(images, self._input_ids.to(embeds.device))
+        spans = self._locate(items, self._input_ids.to(embeds.device))
         pre_llm = hasattr(self.pruner, "prune_image")
-        for span, image in zip(spans, images):
-            image.embeds = image.embeds.to(embeds.device, embeds.dtype)
+        for span, item in zip(spans, items):
+            item.embeds = item.embeds.to(embeds.device, embeds.dtype)
             if pre_llm:
-                span.selection = self.pruner.prune_image(image)
+                span.selection = self.pruner.prune_image(item)
         if embeds.is_cuda:
             torch.cuda.synchronize(embeds.device)
         selection_ms = (time.perf_counter() - started) * 1000.0
@@ -305,15 +315,15 @@ class PruningSession:
             self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
         self._output_index = layout.carries.masked_fill(~layout.compact_mask, -1)
-        self.pruner._stats = self._stats(spans, images, selection_ms)
+        self.pruner._stats = self._stats(spans, items, selection_ms)
         if self.runner is not None:
-            tracks = [ImageTrack(sample=span.sample, image_in_sample=image.image_in_sample,
-                                 positions=layout.destinations(span.sample, span.positions[:span.selection.count]),
-                                 original=span.selection.slots.to(embeds.device), segments=image.segments)
-                      for span, image in zip(spans, images)]
+            tracks = [ItemTrack(sample=span.sample, index_in_sample=item.index_in_sample, modality=item.modality,
+                                positions=layout.destinations(span.sample, span.positions[:span.selection.count]),
+                                original=span.selection.slots.to(embeds.device), segments=item.segments)
+                      for span, item in zip(spans, items)]
             counts = self.runner.plan(tracks)
             record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts)
-            self._pending = (cache, layout, (record, [span.sample for span in spans]))
+            self._pending = (cache, layout, (record, items))
         return kwargs
 
     def _decode(self, kwargs: dict, layout: Layout, stages: list[StageLayout], cache: Any) -> dict:
@@ -327,51 +337,68 @@ class PruningSession:
             self.runner.start_decode(cache, stages, layout.compact_length, mask, positions)
         return kwargs
 
-    def _locate(self, images: list[VisualTokens], input_ids: torch.Tensor) -> list[ImageSpan]:
-        """Assign each image its sequence positions, in the row-major order the model scatters features."""
-        rows, cols = (input_ids == self.adapter.image_token_id).nonzero(as_tuple=True)
-        total = sum(image.num_tokens for image in images)
-        if rows.numel() != total:
-            raise ValueError(
-                f"input_ids hold {rows.numel()} image tokens but the images produced {total} features; generate() "
-                "with num_beams > 1 or num_return_sequences > 1 repeats the prompt after images are encoded, which "
-                "mmprune does not support yet")
-        spans, offset, per_sample = [], 0, {}
-        for image in images:
-            n = image.num_tokens
-            sample_rows = rows[offset:offset + n]
-            sample = int(sample_rows[0])
-            if bool((sample_rows != sample).any()):
-                raise ValueError("an image's tokens span two samples of the batch; check the prompt's image tokens")
-            image.sample = sample
-            image.image_in_sample = per_sample.get(sample, 0)
-            per_sample[sample] = image.image_in_sample + 1
-            spans.append(ImageSpan(sample=sample, positions=cols[offset:offset + n],
-                                   selection=Selection.identity(n)))
-            offset += n
+    def _locate(self, items: list[MediaItem], input_ids: torch.Tensor) -> list[ItemSpan]:
+        """Assign each item its sequence positions: per modality, by its placeholder token, in the row-major order
+        the model scatters that modality's features."""
+        spans = []
+        for modality in MODALITIES:
+            of_modality = [item for item in items if item.modality == modality]
+            if not of_modality:
+                continue
+            rows, cols = (input_ids == self.adapter.token_id(modality)).nonzero(as_tuple=True)
+            total = sum(item.num_tokens for item in of_modality)
+            if rows.numel() != total:
+                raise ValueError(
+                    f"input_ids hold {rows.numel()} {modality} tokens but the {modality}s produced {total} features; "
+                    "generate() with num_beams > 1 or num_return_sequences > 1 repeats the prompt after the media "
+                    "are encoded, which mmprune does not support")
+            offset, per_sample = 0, {}
+            for item in of_modality:
+                n = item.num_tokens
+                sample_rows = rows[offset:offset + n]
+                sample = int(sample_rows[0])
+                if bool((sample_rows != sample).any()):
+                    raise ValueError(f"a {modality}'s tokens span two samples of the batch; check the prompt's "
+                                     f"{modality} tokens")
+                item.sample = sample
+                item.index_in_sample = per_sample.get(sample, 0)
+                per_sample[sample] = item.index_in_sample + 1
+                spans.append(ItemSpan(sample=sample, positions=cols[offset:offset + n],
+                                      selection=Selection.identity(n)))
+                offset += n
         return spans
 
-    def _stats(self, spans: list[ImageSpan], images: list[VisualTokens], selection_ms: float) -> dict:
+    def _stats(self, spans: list[ItemSpan], items: list[MediaItem], selection_ms: float) -> dict:
         batch = int(self._input_ids.shape[0])
-        samples: list[dict] = [{"images": []} for _ in range(batch)]
-        for span, image in zip(spans, images):
+        samples: list[dict] = [{LISTS[m]: [] for m in MODALITIES} for _ in range(batch)]
+        for span, item in zip(spans, items):
             sel = span.selection
-            samples[span.sample]["images"].append({
-                "before": image.num_tokens,
+            entry = {
+                "modality": item.modality,
+                "before": item.num_tokens,
                 "after": sel.count,
                 "kept": sel.kept(),
                 "merged": sel.merged,
-                # the image's token layout: [start, rows, cols, newline-per-row] per grid
-                "segments": [[g.start, g.rows, g.cols, g.newline] for g in image.segments],
-            })
+                # the item's token layout: [start, rows, cols, newline-per-row] per grid
+                "segments": [[g.start, g.rows, g.cols, g.newline] for g in item.segments],
+            }
+            if sel.note:
+                entry["note"] = sel.note
+            if item.modality == "video":
+                frames = item.frames
+                entry["frames"] = [len(frames), frames[0].rows, frames[0].cols]
+                entry["frame_times"] = [f.time for f in frames]
+                entry["kept_per_frame"] = per_frame(entry["kept"], frames)
+            samples[span.sample][LISTS[item.modality]].append(entry)
         layers = self.adapter.num_layers
         for sample in samples:
-            before = sum(i["before"] for i in sample["images"])
-            after = sum(i["after"] for i in sample["images"])
-            sample["visual_tokens_before"] = before
-            sample["visual_tokens_after"] = after
-            sample["tokens_per_layer"] = [after] * layers
-            sample["equivalent_tokens"] = float(after)
+            entries = [e for m in MODALITIES for e in sample[LISTS[m]]]
+            sample["visual_tokens_before"] = sum(e["before"] for e in entries)
+            sample["visual_tokens_after"] = sum(e["after"] for e in entries)
+            sample["tokens_per_layer"] = [sample["visual_tokens_after"]] * layers
+            sample["tokens_per_layer_by_modality"] = {
+                m: [sum(e["after"] for e in sample[LISTS[m]])] * layers for m in MODALITIES if sample[LISTS[m]]}
+            sample["equivalent_tokens"] = float(sample["visual_tokens_after"])
         return {
             "method": self.pruner.name,
             "stage": self.pruner.stage,
@@ -386,24 +413,27 @@ class PruningSession:
 
     def _add_stage_stats(self, pending: tuple) -> None:
         """Per-layer visual token counts, equivalent average tokens and per-stage timing of an in-LLM prefill."""
-        record, samples_of = pending
+        record, items = pending
         stats = self.pruner._stats
         layers = self.adapter.num_layers
         for sample in stats["samples"]:
             sample["tokens_per_layer"] = [0] * layers
-        seen: dict[int, int] = {}
-        for image, sample_index in enumerate(samples_of):
-            sample = stats["samples"][sample_index]
-            entry = sample["images"][seen.get(sample_index, 0)]
-            seen[sample_index] = seen.get(sample_index, 0) + 1
-            entry["stages"] = [{"layer": layer, "kept": kept[image]} for layer, kept in zip(record.layers,
+            sample["tokens_per_layer_by_modality"] = {m: [0] * layers for m in sample["tokens_per_layer_by_modality"]}
+        for index, item in enumerate(items):
+            sample = stats["samples"][item.sample]
+            entry = sample[LISTS[item.modality]][item.index_in_sample]
+            entry["stages"] = [{"layer": layer, "kept": kept[index]} for layer, kept in zip(record.layers,
                                                                                           record.kept)]
+            if item.modality == "video":
+                entry["kept_per_frame"] = per_frame(entry["stages"][-1]["kept"] if entry["stages"] else entry["kept"],
+                                                    item.frames)
             current = entry["after"]
             for layer in range(layers):
                 for stage, stage_layer in enumerate(record.layers):
                     if stage_layer == layer:
-                        current = len(record.kept[stage][image])
+                        current = len(record.kept[stage][index])
                 sample["tokens_per_layer"][layer] += current
+                sample["tokens_per_layer_by_modality"][item.modality][layer] += current
         for sample in stats["samples"]:
             sample["visual_tokens_llm_input"] = sample["visual_tokens_after"]
             sample["visual_tokens_after"] = sample["tokens_per_layer"][-1]
@@ -425,7 +455,16 @@ def _verify_once(adapter: Any) -> None:
         _VERIFIED.add(adapter.model)
 
 
-def final_kept(stats: dict) -> list[list[list[int]]]:
-    """Per sample, per image: original token indices that reach the last decoder layer (after every stage)."""
-    return [[image["stages"][-1]["kept"] if image.get("stages") else image["kept"] for image in sample["images"]]
-            for sample in stats["samples"]]
+LISTS = {"image": "images", "video": "videos"}  # the per-sample stats list of each modality
+
+
+def per_frame(kept: list[int], frames: list) -> list[int]:
+    """How many of ``kept`` (item-level token indices) fall in each of a video's temporal grids."""
+    return [sum(1 for k in kept if f.start <= k < f.start + f.size) for f in frames]
+
+
+def final_kept(stats: dict, modality: str = "image") -> list[list[list[int]]]:
+    """Per sample, per item of ``modality`` (images by default): original token indices that reach the last
+    decoder layer (after every stage)."""
+    return [[item["stages"][-1]["kept"] if item.get("stages") else item["kept"]
+             for item in sample.get(LISTS[modality], [])] for sample in stats["samples"]]

@@ -11,6 +11,7 @@ from mmprune.methods.base import (
 )
 from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
+from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
@@ -28,6 +29,7 @@ __all__ = [
     "POSITION_POLICIES",
     "DARTPruner",
     "DivPrunePruner",
+    "EVSPruner",
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",

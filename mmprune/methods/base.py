@@ -2,8 +2,8 @@
 
 A method is a dataclass whose fields are its hyper-parameters. ``Pruner`` owns the mechanism (budget validation,
 attaching to a model, stats); a pre-LLM method overrides one function, :meth:`PreLLMPruner.select`, which maps one
-image's :class:`~mmprune.engine.tokens.VisualTokens` and a token count ``k`` to a
-:class:`~mmprune.engine.tokens.Selection`. Everything about where tokens live in a model is in ``engine/`` and
+image's :class:`~mmprune.media.MediaItem` and a token count ``k`` to a
+:class:`~mmprune.media.Selection`. Everything about where tokens live in a model is in ``engine/`` and
 ``models/``.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from mmprune.budget import resolve_keep, validate_keep
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.params import Bool, Int, Layers, invalid, param
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +44,10 @@ class Pruner:
     stage: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     keep_means: ClassVar[str] = "visual tokens kept per image"  # what `keep` counts, for docs, CLI and sweeps
+    # the media whose tokens the method prunes; the engine refuses an input carrying any other (it would pass
+    # through unpruned). A method adds "video" when its paper's rule applies to a video's token span.
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    passes_through: ClassVar[tuple[str, ...]] = ()  # accepted media the method leaves whole by design (EVS: images)
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -93,7 +97,7 @@ class PreLLMPruner(Pruner):
 
     stage: ClassVar[str] = "pre-llm"
 
-    def prune_image(self, tokens: VisualTokens) -> Selection:
+    def prune_image(self, tokens: MediaItem) -> Selection:
         k = self.pre_llm_budget(tokens.num_tokens)
         if k == tokens.num_tokens:
             # Keeping every token is the identity for every method (merging methods included), so the model's
@@ -104,7 +108,7 @@ class PreLLMPruner(Pruner):
             raise RuntimeError(f"{self.name} returned {selection.count} tokens for a budget of {k}")
         return selection
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:  # pragma: no cover - abstract
+    def select(self, tokens: MediaItem, k: int) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def pre_llm_budget(self, num_tokens: int) -> int:
@@ -159,7 +163,7 @@ class InLLMPruner(Pruner):
 
     def plan(self, images: list, num_layers: int) -> tuple[list[int], list[list[int]]]:
         """The stage layers (decoder layers before which visual tokens leave, increasing) and, per image (an
-        :class:`~mmprune.engine.layers.ImageTrack`: ``count`` tokens entering the LLM, its ``segments``), the most
+        :class:`~mmprune.engine.layers.ItemTrack`: ``count`` tokens entering the LLM, its ``segments``), the most
         tokens left after each stage (non-increasing)."""
         return self.stage_layers(num_layers), [self.schedule(image.count, num_layers) for image in images]
 

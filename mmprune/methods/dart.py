@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.engine.tokens import Selection
+from mmprune.media import Selection
 from mmprune.methods.base import SingleStagePruner
 from mmprune.methods.params import Int, param
 
@@ -34,12 +34,16 @@ class DARTPruner(SingleStagePruner):
     left after the visual pivots is split evenly over the pivots, the first pivots taking one more when it does not
     divide. The code iterates a Python set of pivots (unspecified order); here visual pivots come first, then text
     pivots, each by decreasing key norm. Batches of any size (the code assumes one sample).
+
+    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
+    its ``keep`` counts the whole video's tokens.
     """
 
     keep: int | float = 128 / 576
     visual_pivots: int = param(4, Int(0), "pivots among the visual tokens (largest post-RoPE key norm)")
     text_pivots: int = param(4, Int(0), "pivots among the instruction tokens")
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "dart"
     summary: ClassVar[str] = "in-LLM: least-duplicated tokens w.r.t. key-norm pivots at layer K (DART)"
     default_positions: ClassVar[str | None] = "original"

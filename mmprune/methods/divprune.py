@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 
 
@@ -28,14 +28,18 @@ class DivPrunePruner(PreLLMPruner):
 
     Deliberate difference: the reference marks chosen tokens with score 0, so an exact duplicate of a chosen token
     (distance 0) could be chosen twice; chosen tokens are excluded here, so ``k`` distinct tokens are always kept.
+
+    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
+    its ``keep`` counts the whole video's tokens.
     """
 
     keep: int | float = 0.098
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "divprune"
     summary: ClassVar[str] = "greedy max-min cosine diversity on the projected tokens (DivPrune)"
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         return Selection.of(max_min_diverse(tokens.embeds, k))
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 
 
@@ -37,12 +37,12 @@ class FasterVLMPruner(PreLLMPruner):
     name: ClassVar[str] = "fastervlm"
     summary: ClassVar[str] = "top-k by the vision encoder's [CLS] attention (FasterVLM)"
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         scores = token_scores(tokens, reduce="mean")
         return Selection.of(torch.topk(scores, k).indices)
 
 
-def token_scores(tokens: VisualTokens, reduce: str) -> torch.Tensor:
+def token_scores(tokens: MediaItem, reduce: str) -> torch.Tensor:
     """Head-reduced encoder attention per token; tokens without a score (LLaVA-NeXT newlines) get ``-inf``."""
     attention = tokens.token_attention.float()
     scores = attention.mean(0) if reduce == "mean" else attention.sum(0)

@@ -28,12 +28,16 @@ class FastVPruner(SingleStagePruner):
     Defaults: the paper's ``K=2`` and ``R=50%`` (``keep=0.5``). Differences: the row is recomputed from layer
     ``K-1``'s input (its norm, q/k projections and RoPE), so the model keeps SDPA/FlashAttention instead of eager;
     batches of any size (the reference indexes sample 0 and a fixed image offset); the budget is per image.
+
+    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
+    its ``keep`` counts the whole video's tokens.
     """
 
     keep: int | float = 0.5
     query: str = param("last", Choice(options=QUERIES),
                        "'last': the last prompt token's attention (the code); 'all': attention received from all")
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "fastv"
     summary: ClassVar[str] = "in-LLM: top-k by the last token's attention at layer K-1 (FastV)"
     default_positions: ClassVar[str | None] = "original"

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from mmprune.engine.tokens import Selection
+from mmprune.media import Selection
 from mmprune.methods.base import MultiStagePruner
 from mmprune.methods.params import Float, Int, param
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.media import Segment, MediaItem
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:
@@ -25,10 +25,20 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-def per_segment_budget(tokens: VisualTokens, k: int) -> list[tuple[Segment, int]]:
+def per_segment_budget(tokens: MediaItem, k: int) -> list[tuple[Segment, int]]:
     """Each patch grid of the image with its proportional share of ``k`` (segments with no share left out)."""
     shares = split_budget(k, [s.rows * s.cols for s in tokens.segments])
     return [(segment, share) for segment, share in zip(tokens.segments, shares) if share > 0]
+
+
+def frame_shares(frames: int, k: int) -> list[int]:
+    """``k`` tokens over a video's ``frames`` temporal grids, evenly in time: every grid gets ``k // frames`` and
+    the remainder goes to grids spread evenly over the video (not to the first ones); with ``k < frames``, ``k``
+    evenly spaced grids get one token each."""
+    shares = [k // frames] * frames
+    for index in even_positions(frames, k % frames).tolist() if k % frames else []:
+        shares[index] += 1
+    return shares
 
 
 def lattice_shape(rows: int, cols: int, k: int) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 
 
@@ -17,6 +17,7 @@ class NonePruner(PreLLMPruner):
 
     keep: int | float = 1.0
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "no pruning: the unpruned model (reference row)"
 
@@ -25,5 +26,5 @@ class NonePruner(PreLLMPruner):
         if not (isinstance(self.keep, float) and self.keep == 1.0):
             raise ValueError(f"none keeps every visual token: keep must be 1.0, got {self.keep!r}")
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:  # pragma: no cover - keep=1.0 never selects
+    def select(self, tokens: MediaItem, k: int) -> Selection:  # pragma: no cover - keep=1.0 never selects
         return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from mmprune.engine.tokens import Segment, Selection, VisualTokens
+from mmprune.media import Segment, Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 from mmprune.methods.grid import lattice_shape, per_segment_budget
 
@@ -24,28 +25,50 @@ class PoolPruner(PreLLMPruner):
     pooling; a budget with no such factorisation keeps slightly fewer tokens, reported in the stats. Each pooled token
     takes the slot (and, under ``positions="original"``, the position) of the centre patch of its window. LLaVA-NeXT:
     each grid is pooled with its share of the budget; image-newline tokens are not kept.
+
+    Videos: each temporal grid is pooled in 2-D with an even share of ``k`` ((1, 2, 2)-style); when ``k`` is
+    smaller than the number of grids, ``ceil(T / k)`` consecutive grids are averaged first ((2, 2, 2)-style), so
+    the budget is met without dropping whole grids.
     """
 
     keep: int | float = 0.25
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+
     name: ClassVar[str] = "pool"
     summary: ClassVar[str] = "2-D average pooling of the projected tokens to the budget (LLaVolta baseline)"
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         slots, embeds = [], []
-        for segment, share in per_segment_budget(tokens, k):
-            s, e = pool_segment(tokens.embeds, segment, share)
+        parts = video_groups(tokens, k) if tokens.modality == "video" else [
+            ([segment], share) for segment, share in per_segment_budget(tokens, k)]
+        for group, share in parts:
+            s, e = pool_segment(tokens.embeds, group, share)
             slots.append(s)
             embeds.append(e)
         slots_t = torch.cat(slots).to(tokens.embeds.device)
         return Selection(slots=slots_t, embeds=torch.cat(embeds), merged=int(slots_t.numel()))
 
 
-def pool_segment(embeds: torch.Tensor, segment: Segment, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = segment.patch_indices()
+def video_groups(tokens: MediaItem, k: int) -> list[tuple[list[Segment], int]]:
+    """A video's temporal grids in groups pooled together, each with its share of ``k``: groups of one grid
+    ((1, 2, 2)-style spatial pooling) while ``k`` leaves every grid a token, else ``ceil(T / k)`` consecutive grids
+    per group ((2, 2, 2)-style: averaged over time too)."""
+    frames = tokens.frames
+    span = max(1, math.ceil(len(frames) / k))
+    groups = [frames[i:i + span] for i in range(0, len(frames), span)]
+    share = k // len(groups)
+    return [(group, share) for group in groups]
+
+
+def pool_segment(embeds: torch.Tensor, segments: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool one grid (or several grids of one video, stacked in time) to the largest lattice within
+    ``k``; a pooled token takes the slot of the centre patch of its window in the first grid."""
+    grid = segments[0].patch_indices()
     rows, cols = grid.shape
     out_r, out_c = lattice_shape(rows, cols, k)
-    feats = embeds[grid.reshape(-1).to(embeds.device)].reshape(rows, cols, -1).permute(2, 0, 1)
+    stacked = torch.stack([embeds[s.patch_indices().reshape(-1).to(embeds.device)] for s in segments]).mean(0)
+    feats = stacked.reshape(rows, cols, -1).permute(2, 0, 1)
     pooled = F.adaptive_avg_pool2d(feats.float().unsqueeze(0), (out_r, out_c))[0].to(embeds.dtype)
     # adaptive pooling windows: [floor(i*n/m), ceil((i+1)*n/m)); their centre patch donates the slot
     def centres(n: int, m: int) -> torch.Tensor:

@@ -29,12 +29,16 @@ class PyramidDropPruner(MultiStagePruner):
     are the paper's scaled to the same relative depth. Differences: the row is recomputed (the model keeps SDPA),
     GQA key heads are repeated (the code assumes ``kv_heads == heads``), batches are padded (the code loops per
     sample).
+
+    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
+    its ``keep`` counts the whole video's tokens.
     """
 
     keep: int | float = 270 / 576
     lam: float | None = param(None, Float(0, 1, low_open=True, optional=True),
                               "lambda, the share kept at each stage (default: solved from keep)")
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "pyramiddrop"
     summary: ClassVar[str] = "in-LLM, 3 stages: last instruction token's attention, keep N*lambda^s (PyramidDrop)"
     default_positions: ClassVar[str | None] = "renumber"

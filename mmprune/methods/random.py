@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 from mmprune.methods.params import Int, param
 
@@ -27,15 +27,20 @@ class RandomPruner(PreLLMPruner):
     keep: int | float = 0.25
     seed: int = param(0, Int(0), "base seed of the draw")
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "random"
     summary: ClassVar[str] = "uniformly random subset of each image's tokens (seeded control)"
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
-        generator = torch.Generator(device="cpu").manual_seed(image_seed(self.seed, tokens.image_in_sample))
+    def select(self, tokens: MediaItem, k: int) -> Selection:
+        index = tokens.index_in_sample + (VIDEO_SEED_OFFSET if tokens.modality == "video" else 0)
+        generator = torch.Generator(device="cpu").manual_seed(image_seed(self.seed, index))
         indices = torch.randperm(tokens.num_tokens, generator=generator)[:k]
         return Selection.of(indices.to(tokens.embeds.device))
 
 
-def image_seed(seed: int, image_in_sample: int) -> int:
-    """Seed of one image's draw; distinct images of a sample get distinct draws."""
-    return seed * 1_000_003 + image_in_sample
+VIDEO_SEED_OFFSET = 500_000  # videos draw from other seeds than the images of the same sample
+
+
+def image_seed(seed: int, index_in_sample: int) -> int:
+    """Seed of one item's draw; distinct items of a sample get distinct draws."""
+    return seed * 1_000_003 + index_in_sample

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from mmprune.engine.tokens import Selection
+from mmprune.media import Selection
 from mmprune.methods.base import InLLMPruner, scale_layers
 from mmprune.methods.params import Bool, param
 
@@ -92,11 +92,15 @@ class SparseVLMPruner(InLLMPruner):
     tie-breaking noise is seeded (the reference draws it from the global RNG); batches of any size (the reference
     assumes one sample). The DPC-kNN density counts the token's own zero distance among its k nearest, as the
     reference's ``cluster_and_merge`` does.
+
+    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
+    its ``keep`` counts the whole video's tokens.
     """
 
     keep: int | float = 192 / 576
     recycle: bool = param(True, Bool(), "recycle pruned tokens as DPC-kNN cluster means (v1.5)")
 
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     name: ClassVar[str] = "sparsevlm"
     summary: ClassVar[str] = "in-LLM, 3 stages: text raters' attention + recycling of pruned tokens (SparseVLM v1.5)"
     keep_means: ClassVar[str] = "nominal budget of SparseVLM's published schedules"
@@ -131,7 +135,7 @@ class SparseVLMPruner(InLLMPruner):
     def raters(self, ctx, track) -> torch.Tensor:
         """Indices (into the text after the image) of the rater tokens, from the LLM input."""
         raters = ctx.scratch.setdefault("raters", {})
-        key = (track.sample, track.image_in_sample)
+        key = (track.sample, track.modality, track.index_in_sample)
         if key not in raters:
             embeds = ctx.layer_input(0)[track.sample]
             text = ctx.text_after(track)

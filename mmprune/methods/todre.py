@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import HybridPruner, scale_layers
 from mmprune.methods.divprune import max_min_diverse
 from mmprune.methods.params import Bool, Float, Int, param
@@ -53,7 +53,7 @@ class ToDREPruner(HybridPruner):
             raise ValueError(f"todre: drop_layer={self.drop_layer} is beyond the model: its language model has "
                              f"{num_layers} layers, so expected 1..{num_layers - 1}")
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         features = F.normalize(tokens.embeds.float(), dim=-1)
         first = int(torch.argmax(1.0 - features @ F.normalize(features.mean(0), dim=0)))
         return Selection.of(max_min_diverse(tokens.embeds, k, first=first))

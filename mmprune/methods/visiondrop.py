@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import HybridPruner, scale_layers
 from mmprune.methods.visionzip import VisionZipPruner, merge_contextual
 
@@ -70,7 +70,7 @@ class VisionDropPruner(HybridPruner):
     def pre_llm_budget(self, num_tokens: int) -> int:
         return num_tokens if self._keeps_all() else sum(self._counts(num_tokens)[0])
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         contextual = self._counts(tokens.num_tokens)[0][1]
         return VisionZipPruner(keep=k, contextual=contextual).select(tokens, k)
 

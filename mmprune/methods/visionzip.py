@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 from mmprune.methods.params import Int, param
 from mmprune.methods.fastervlm import token_scores
@@ -51,7 +51,7 @@ class VisionZipPruner(PreLLMPruner):
     name: ClassVar[str] = "visionzip"
     summary: ClassVar[str] = "dominant tokens by encoder attention + merged contextual tokens (VisionZip)"
 
-    def split(self, tokens: VisualTokens, k: int) -> tuple[int, int]:
+    def split(self, tokens: MediaItem, k: int) -> tuple[int, int]:
         """(dominant, contextual) counts for a budget of ``k`` output tokens."""
         if self.contextual is not None:
             contextual = self.contextual
@@ -68,7 +68,7 @@ class VisionZipPruner(PreLLMPruner):
             )
         return dominant, contextual
 
-    def select(self, tokens: VisualTokens, k: int) -> Selection:
+    def select(self, tokens: MediaItem, k: int) -> Selection:
         dominant_count, contextual_count = self.split(tokens, k)
         with_cls = tokens.has("cls_feature")
         scores = token_scores(tokens, reduce="sum")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.engine.tokens import VisualTokens
+from mmprune.media import MediaItem
 
 
 class ModelAdapter:
@@ -41,12 +41,28 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(upstream.decoder_layers(self.language_model))
 
+    def token_id(self, modality: str) -> int:
+        """The placeholder token id of ``modality`` in ``input_ids``."""
+        return self.image_token_id if modality == "image" else int(getattr(self.config, f"{modality}_token_id"))
+
+    def build_items(self, modality: str, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
+        """One ``MediaItem`` per image or video that ``get_<modality>_features(*args, **kwargs)`` encoded."""
+        if modality == "image":
+            return self.build_images(output, args, kwargs)
+        return self.build_videos(output, args, kwargs)
+
+    def build_videos(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:  # pragma: no cover
+        raise NotImplementedError
+
+    def annotate(self, items: list[MediaItem], arguments: dict) -> None:
+        """Fill what only the multimodal forward's arguments tell (e.g. a video's seconds per grid)."""
+
     def install_capture(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks that record the vision encoder internals the lazy fields need; returns their handles."""
         return []
 
-    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
-        """One ``VisualTokens`` per image, in the order the model scatters them into the sequence.
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
+        """One ``MediaItem`` per image, in the order the model scatters them into the sequence.
 
         ``output`` is what the model's ``get_image_features`` returned for ``(args, kwargs)``.
         """

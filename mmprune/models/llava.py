@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.media import Segment, MediaItem
 from mmprune.models.base import ModelAdapter, capture_input, capture_output
 
 
@@ -80,7 +80,7 @@ class LlavaAdapter(ModelAdapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.inner.multi_modal_projector(features)
 
-    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
         features = upstream.image_features(output)
         with_cls = self.strategy == "full"
         images = []
@@ -88,7 +88,7 @@ class LlavaAdapter(ModelAdapter):
             segments = [Segment(start=int(with_cls), rows=self.side, cols=self.side)]
             if with_cls:  # [CLS] is token 0 of the image; it is its own 1x1 "grid"
                 segments.insert(0, Segment(start=0, rows=1, cols=1))
-            images.append(VisualTokens(embeds, segments, family=self.family, lazy=self._lazy(i, with_cls),
+            images.append(MediaItem(embeds, segments, family=self.family, lazy=self._lazy(i, with_cls),
                                        project=self.project))
         return images
 

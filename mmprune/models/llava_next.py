@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mmprune import upstream
-from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.media import Segment, MediaItem
 from mmprune.models.llava import LlavaAdapter
 
 
@@ -25,7 +25,7 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     default_positions = "renumber"
 
-    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
         image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
         crops = [upstream.llava_next_crops(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
                  for size in image_sizes]
@@ -43,7 +43,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for i, (embeds, index) in enumerate(zip(upstream.image_features(output), packed)):
             source = index[:, 0].round().long() - 1  # -1 = newline
             segments = self._segments(source, crops[i])
-            images.append(VisualTokens(embeds, segments, family=self.family,
+            images.append(MediaItem(embeds, segments, family=self.family,
                                        lazy=self._packed_lazy(store, source.to(embeds.device), per_crop),
                                        project=self.project))
         return images

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.engine.tokens import Segment, VisualTokens
+from mmprune.media import Segment, MediaItem
 from mmprune.models.base import ModelAdapter, capture_input
 
 # Queries per chunk when recomputing the attention each token receives (bounds the (heads, q, n) buffer).
@@ -19,12 +20,15 @@ class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL.
 
     Each image is one grid of merged tokens ``(h / m, w / m)`` (``m`` = spatial merge size), in raster order as
-    the merger returns them. Kept tokens keep their original M-RoPE ids (the default, as EVS and the Qwen ports of
-    the references do); ``positions="renumber"`` is not defined for 3-D positions and is refused.
+    the merger returns them. A video (``get_video_features``, ``video_token_id``) is ``t`` such grids, one per
+    temporal patch of ``temporal_patch_size`` frames, in ``(t, h, w)`` raster order; on Qwen2.5-VL grid ``k``
+    starts at ``k * second_per_grid_ts`` seconds. Kept tokens keep their original M-RoPE ids (the default, as EVS
+    and the Qwen ports of the references do); ``positions="renumber"`` is not defined for 3-D positions and is
+    refused.
 
     Lazy fields (the tower has no [CLS]):
-      * ``token_attention`` ``(heads, N)``: mean attention each merged token receives from all patches of its image
-        at the last vision block, ``softmax(q k^T / sqrt(d))`` with the block's own RoPE and its own attention span
+      * ``token_attention`` ``(heads, N)``: mean attention each merged token receives from all patches of its
+        image (of its temporal grid, for a video: the tower never attends across grids) at the last vision block, ``softmax(q k^T / sqrt(d))`` with the block's own RoPE and its own attention span
         (``cu_seqlens``), averaged over the ``m x m`` patches of the merge unit; recomputed from the block input so
         the tower keeps its attention implementation;
       * ``vision_keys`` ``(N, d_h)``: that block's post-RoPE keys, averaged over heads and the merge unit.
@@ -32,6 +36,7 @@ class Qwen2VLAdapter(ModelAdapter):
 
     family = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    modalities = ("image", "video")
     default_positions = "original"
     supports_renumber = False
 
@@ -46,18 +51,35 @@ class Qwen2VLAdapter(ModelAdapter):
     def install_capture(self) -> list:
         return [self.vision.attention.register_forward_pre_hook(capture_input(self, "block_in"), with_kwargs=True)]
 
-    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[VisualTokens]:
-        grid_thw = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+    def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
+        return self._build("image", output, kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None))
+
+    def build_videos(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
+        return self._build("video", output, kwargs.get("video_grid_thw", args[1] if len(args) > 1 else None))
+
+    def annotate(self, items: list[MediaItem], arguments: dict) -> None:
+        """Qwen2.5-VL videos: grid k starts at ``k * second_per_grid_ts`` seconds (Qwen2-VL gives no time)."""
+        seconds = arguments.get("second_per_grid_ts")
+        videos = [item for item in items if item.modality == "video"]
+        if seconds is None or not videos:
+            return
+        for video, step in zip(videos, seconds.tolist() if hasattr(seconds, "tolist") else seconds):
+            video.segments = [replace(s, time=s.frame * float(step)) for s in video.segments]
+
+    def _build(self, modality: str, output: Any, grid_thw: torch.Tensor | None) -> list[MediaItem]:
         if grid_thw is None:
-            raise ValueError("Qwen2-VL image features need image_grid_thw")
+            raise ValueError(f"Qwen2-VL {modality} features need {modality}_grid_thw")
         store = self.captured
-        images = []
+        items = []
         for i, embeds in enumerate(upstream.image_features(output)):
             t, h, w = (int(v) for v in grid_thw[i])
             rows, cols = h // self.merge, w // self.merge
-            if t != 1:
-                raise ValueError(f"image {i} has {t} temporal patches; only still images (t=1) are supported")
-            segment = Segment(start=0, rows=rows, cols=cols)
+            if modality == "image":
+                if t != 1:
+                    raise ValueError(f"image {i} has {t} temporal patches; only still images (t=1) are images")
+                segments = [Segment(start=0, rows=rows, cols=cols)]
+            else:  # one grid per temporal step, in the (t, h, w) raster order of the merger's output
+                segments = [Segment(start=k * rows * cols, rows=rows, cols=cols, frame=k) for k in range(t)]
 
             def lazy_scores(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
                 if "scores" not in store:
@@ -68,8 +90,8 @@ class Qwen2VLAdapter(ModelAdapter):
                 "token_attention": lambda f=lazy_scores: f()[0],
                 "vision_keys": lambda f=lazy_scores: f()[1],
             }
-            images.append(VisualTokens(embeds, [segment], family=self.family, lazy=lazy))
-        return images
+            items.append(MediaItem(embeds, segments, modality=modality, family=self.family, lazy=lazy))
+        return items
 
     def _received_attention(self, store: dict, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: ((heads, N) received attention, (N, d_h) keys), merged tokens in raster order."""

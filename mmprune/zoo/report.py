@@ -32,7 +32,7 @@ import mmprune
 from mmprune.bench.accuracy import evaluate, family_accuracy
 from mmprune.bench.sweep import relevant_recall
 from mmprune.data import synthetic
-from mmprune.engine.tokens import Selection, VisualTokens
+from mmprune.media import Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
 from mmprune.zoo import SHIPPED_MODEL, load_shipped
 
@@ -48,7 +48,7 @@ class FixedSetPruner(PreLLMPruner):
 
     name: ClassVar[str] = "fixed-set"
 
-    def prune_image(self, tokens: VisualTokens) -> Selection:
+    def prune_image(self, tokens: MediaItem) -> Selection:
         return Selection.of(torch.tensor(sorted(set(self.indices[tokens.sample])), device=tokens.embeds.device))
 
 

@@ -1,8 +1,9 @@
-"""What a pre-LLM method sees of one image, and what it answers.
+"""The shared vocabulary of media tokens: items, their grids (segments), and a method's answer (selections).
 
-``VisualTokens`` is the model-independent view of one image's visual tokens as they enter the LLM. The model
-adapter fills it; methods read only the fields they need. Attention-derived fields are computed lazily (a method
-that never asks for [CLS] attention never pays for it).
+``MediaItem`` is the model-independent view of one image's or one video's tokens as they enter the LLM. The model
+adapter fills it; methods read only the fields they need. A video is a sequence of temporal grids, one
+:class:`Segment` per grid, each with its index and time in seconds. Attention-derived fields are computed lazily
+(a method that never asks for [CLS] attention never pays for it).
 
 ``Selection`` is a method's answer: which original token slots survive, in the order the tokens enter the LLM, and
 optionally new embeddings for them (merging methods such as VisionZip and pooling).
@@ -30,6 +31,8 @@ class Segment:
     rows: int
     cols: int
     newline: bool = False
+    frame: int | None = None  # a video's temporal grid index (None for images)
+    time: float | None = None  # seconds from the start of the video at which the grid begins
 
     @property
     def size(self) -> int:
@@ -48,15 +51,20 @@ class Segment:
         return self.start + torch.arange(self.rows) * (self.cols + 1) + self.cols
 
 
-class VisualTokens:
-    """One image's visual tokens as the LLM would receive them, plus what the vision encoder knows about them.
+MODALITIES = ("image", "video")
+
+
+class MediaItem:
+    """One image's or video's tokens as the LLM would receive them, plus what the vision encoder knows about them.
 
     Attributes:
-        embeds: ``(N, D)`` projected embeddings, the LLM input for this image.
-        segments: the 2-D layout of the tokens (one grid for LLaVA-1.5 and Qwen2-VL; base grid + high-res grid with
-            newline tokens for LLaVA-NeXT). Every token index in ``range(N)`` belongs to exactly one segment.
-        sample: index of the sample (row of the batch) the image belongs to.
-        image_in_sample: index of this image among the images of its sample (0 for the first image).
+        embeds: ``(N, D)`` projected embeddings, the LLM input for this item.
+        segments: the layout of the tokens (one grid for LLaVA-1.5 and Qwen2-VL images; base grid + high-res grid
+            with newline tokens for LLaVA-NeXT; one grid per temporal step for videos, with ``frame`` and
+            ``time``). Every token index in ``range(N)`` belongs to exactly one segment.
+        modality: ``"image"`` or ``"video"``.
+        sample: index of the sample (row of the batch) the item belongs to.
+        index_in_sample: index of this item among the items of its modality in its sample (0 for the first).
         family: the adapter's family name, for methods whose reference treats families differently.
     """
 
@@ -65,16 +73,20 @@ class VisualTokens:
         embeds: torch.Tensor,
         segments: list[Segment],
         *,
+        modality: str = "image",
         sample: int = 0,
-        image_in_sample: int = 0,
+        index_in_sample: int = 0,
         family: str = "",
         lazy: dict[str, Lazy] | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality {modality!r}: expected one of {MODALITIES}")
         self.embeds = embeds
         self.segments = segments
+        self.modality = modality
         self.sample = sample
-        self.image_in_sample = image_in_sample
+        self.index_in_sample = index_in_sample
         self.family = family
         self._lazy = dict(lazy or {})
         self._cache: dict[str, torch.Tensor] = {}
@@ -87,6 +99,11 @@ class VisualTokens:
     @property
     def num_tokens(self) -> int:
         return self.embeds.shape[0]
+
+    @property
+    def frames(self) -> list[Segment]:
+        """A video's temporal grids in order (empty for an image)."""
+        return [s for s in self.segments if s.frame is not None]
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -139,6 +156,7 @@ class Selection:
     slots: torch.Tensor
     embeds: torch.Tensor | None = None
     merged: int = 0
+    note: str | None = None  # how the method departed from the budget it was given, recorded in stats
 
     @property
     def count(self) -> int:

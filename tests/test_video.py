@@ -1,0 +1,253 @@
+"""Videos on Qwen2-VL / Qwen2.5-VL: items, placement, decode positions, stats, EVS and the video baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import pruning, tiny_model
+
+import mmprune
+import tiny
+from mmprune import upstream
+from mmprune.engine.session import final_kept
+
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+VIDEO_METHODS = pruning("video")
+GEN = dict(max_new_tokens=3, do_sample=False)
+VIDEO = [[3, ("vid", 0), 4]]
+MIXED = [[2, ("img", 0), 3, ("vid", 1), 2], [1, ("vid", 0), 5], [4, ("img", 1), 2]]
+
+
+def keep_for(method: str) -> float:
+    return 0.5 if mmprune.METHODS[method].keep_means.startswith(("equivalent", "nominal")) else 0.25
+
+
+def late_video(family: str) -> dict:
+    """A video-only prompt whose temporal ids run past the trailing text's (Qwen2.5-VL: 5 s per grid x 2 tokens
+    per second = 10 ids per grid, while the text after a 4x4 grid continues 4 ids after its start)."""
+    inputs = tiny.batch(family, VIDEO)
+    if family == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([5.0])
+    return inputs
+
+
+def positions_seen(model, run):
+    seen = []
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("position_ids")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = run()
+    finally:
+        handle.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_the_late_video_prompt_has_temporal_ids_beyond_the_text(family):
+    if family != "qwen2_5_vl":
+        pytest.skip("Qwen2-VL spaces grids by one id")
+    model = tiny_model(family)
+    inputs = late_video(family)
+    ids, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        video_grid_thw=inputs["video_grid_thw"],
+                                        second_per_grid_ts=inputs["second_per_grid_ts"])
+    assert int(ids[0, 0].max()) > int(ids[0, 0, -1])  # what max + 1 would get wrong
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS + ["none"])
+@pytest.mark.parametrize("layout", ["late video", "image+video", "padded left", "padded right"])
+@pytest.mark.parametrize("family", QWEN)
+def test_keep_all_reproduces_the_unpruned_model_on_videos(family, layout, method):
+    model = tiny_model(family)
+    if layout == "late video":
+        inputs = late_video(family)
+    elif layout == "image+video":
+        inputs = tiny.batch(family, [[2, ("img", 0), 3, ("vid", 0), 4]])
+    else:
+        inputs = tiny.batch(family, [[3, ("vid", 0), 4], [1, ("vid", 1), 2]], side=layout.split()[1])
+    with torch.no_grad():
+        reference_logits = model(**inputs).logits
+        reference = model.generate(**inputs, **GEN) if layout != "padded right" else None
+    pruner = mmprune.get(method, keep=1.0)
+    with pruner.attach(model), torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, **GEN) if layout != "padded right" else None
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+    if reference is not None:
+        assert torch.equal(tokens, reference)
+    videos = [v for s in pruner.stats["samples"] for v in s["videos"]]
+    assert videos and all(v["after"] == v["before"] and v["modality"] == "video" for v in videos)
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS)
+@pytest.mark.parametrize("family", QWEN)
+def test_a_padded_video_batch_equals_each_sample_alone(family, method):
+    model = tiny_model(family)
+    pruner = mmprune.get(method, keep=keep_for(method))
+    with pruner.attach(model), torch.no_grad():
+        batch_out = model.generate(**tiny.batch(family, MIXED), **GEN)
+        videos, images = final_kept(pruner.stats, "video"), final_kept(pruner.stats)
+        for i, sample in enumerate(MIXED):
+            alone = model.generate(**tiny.batch(family, [sample]), **GEN)
+            assert final_kept(pruner.stats, "video")[0] == videos[i]
+            assert final_kept(pruner.stats)[0] == images[i]
+            assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch_out[i, -GEN["max_new_tokens"]:])
+    kept_video = [len(v) for sample in videos for v in sample]
+    assert kept_video and all(0 < k for k in kept_video)
+
+
+@pytest.mark.parametrize("method", ["evs", "fastv", "random"])
+@pytest.mark.parametrize("family", QWEN)
+def test_decoding_continues_after_the_last_prompt_token(family, method):
+    """The first decode step's positions equal those generate() gives the unpruned model: the last real prompt
+    token's + 1 on every row (not the row maximum, which a late video's temporal ids exceed)."""
+    model = tiny_model(family)
+    inputs = late_video(family)
+    _, unpruned = positions_seen(model, lambda: model.generate(**inputs, **GEN))
+    with mmprune.get(method, keep=0.75).attach(model):  # EVS then keeps tokens of the late grid too
+        _, pruned = positions_seen(model, lambda: model.generate(**inputs, **GEN))
+    for step in (1, 2):
+        assert torch.equal(pruned[step][-3:].reshape(3, -1), unpruned[step][-3:].reshape(3, -1)), step
+
+
+@pytest.mark.parametrize("method", ["evs", "uniform", "pool", "divprune", "fastv", "dart"])
+@pytest.mark.parametrize("family", QWEN)
+def test_kv_cache_holds_text_plus_every_items_tokens(family, method):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, [[2, ("img", 0), 3, ("vid", 1), 2]])
+    media = (inputs["input_ids"] == tiny.IMAGE_TOKEN) | (inputs["input_ids"] == tiny.VIDEO_TOKEN)
+    text = int((~media).sum())
+    pruner = mmprune.get(method, keep=0.5)
+    with pruner.attach(model), torch.no_grad():
+        cache = upstream.output_cache(model(**inputs, use_cache=True))
+    sample = pruner.stats["samples"][0]
+    layers = len(sample["tokens_per_layer"])
+    assert [upstream.cache_length(cache, layer) for layer in range(layers)] == \
+        [text + n for n in sample["tokens_per_layer"]]
+    by_modality = sample["tokens_per_layer_by_modality"]
+    assert [a + b for a, b in zip(by_modality["image"], by_modality["video"])] == sample["tokens_per_layer"]
+
+
+def test_video_stats_describe_frames_times_and_kept_per_frame():
+    model = tiny_model("qwen2_5_vl")
+    inputs = tiny.batch("qwen2_5_vl", [[2, ("vid", 1), 3]])
+    inputs["second_per_grid_ts"] = torch.tensor([0.5])
+    pruner = mmprune.get("uniform", keep=12)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    video = pruner.stats["samples"][0]["videos"][0]
+    assert video["modality"] == "video" and video["before"] == 48 and video["after"] == 12
+    assert video["frames"] == [2, 4, 6] and video["frame_times"] == [0.0, 0.5]
+    assert video["kept_per_frame"] == [6, 6] and sum(video["kept_per_frame"]) == len(video["kept"])
+    assert [s[:3] for s in video["segments"]] == [[0, 4, 6], [24, 4, 6]]
+    assert pruner.stats["samples"][0]["images"] == []
+
+
+def evs_rule(embeds: torch.Tensor, frames: int, count: int) -> list[int]:
+    """EVS written out again: per position, 1 - cos to the previous grid (first grid: 255), most dissimilar
+    first, earlier token first on ties."""
+    grids = embeds.float().reshape(frames, -1, embeds.shape[-1])
+    scores = [(255.0, 0, p) for p in range(grids.shape[1])]
+    for t in range(1, frames):
+        for p in range(grids.shape[1]):
+            cos = F.cosine_similarity(grids[t, p], grids[t - 1, p], dim=0)
+            scores.append((1.0 - float(cos), t, p))
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i][0], i))
+    return sorted(order[:count])
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5, 20])
+@pytest.mark.parametrize("family", QWEN)
+def test_evs_keeps_the_most_changed_tokens_and_the_first_grid(family, keep):
+    model = tiny_model(family)
+    inputs = tiny.batch(family, [[2, ("vid", 1), 3], [1, ("img", 0), 2, ("vid", 0), 1]])
+    captured = {}
+    original = model.model.get_video_features
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        captured["embeds"] = [e.detach().clone() for e in upstream.image_features(out)]
+        return out
+
+    pruner = mmprune.get("evs", keep=keep)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.model, "get_video_features", spy)
+        with pruner.attach(model), torch.no_grad():
+            model(**inputs)
+    videos = final_kept(pruner.stats, "video")
+    for embeds, kept, frame in zip(captured["embeds"], [videos[0][0], videos[1][0]], [24, 16]):
+        count = keep if isinstance(keep, int) else int(embeds.shape[0] * keep)
+        assert kept == evs_rule(embeds, 2, max(count, frame))
+        assert set(range(frame)) <= set(kept)  # the first grid whole
+    image = pruner.stats["samples"][1]["images"][0]
+    assert image["after"] == image["before"] == 16  # images untouched
+
+
+def test_evs_kept_tokens_keep_their_original_ids():
+    model = tiny_model("qwen2_5_vl")
+    inputs = late_video("qwen2_5_vl")
+    original, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             video_grid_thw=inputs["video_grid_thw"],
+                                             second_per_grid_ts=inputs["second_per_grid_ts"])
+    pruner = mmprune.get("evs", keep=0.5)
+    with pruner.attach(model):
+        _, seen = positions_seen(model, lambda: model(**inputs))
+    kept = final_kept(pruner.stats, "video")[0][0]
+    video = (inputs["input_ids"][0] == tiny.VIDEO_TOKEN).nonzero().squeeze(1)
+    text = (inputs["input_ids"][0] != tiny.VIDEO_TOKEN).nonzero().squeeze(1)
+    order = torch.sort(torch.cat([text, video[kept]])).values
+    assert torch.equal(seen[0][-3:, 0], original[:, 0, order])
+
+
+def test_evs_below_one_grid_keeps_one_grid_and_says_so():
+    model = tiny_model("qwen2_vl")
+    pruner = mmprune.get("evs", keep=4)
+    with pruner.attach(model), torch.no_grad():
+        model(**tiny.batch("qwen2_vl", VIDEO))
+    video = pruner.stats["samples"][0]["videos"][0]
+    assert video["after"] == 16 and video["kept"] == list(range(16)) and video["kept_per_frame"] == [16, 0]
+    assert video["note"] == ("keep=4 asks for 4 of 32 tokens, less than one grid (16); EVS keeps the first grid "
+                             "whole, so 16 are kept")
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(16, [8, 8]), (3, [2, 1]), (1, [1, 0])])
+def test_uniform_spreads_a_video_budget_evenly_in_time(keep, expected):
+    model = tiny_model("qwen2_vl")
+    pruner = mmprune.get("uniform", keep=keep)
+    with pruner.attach(model), torch.no_grad():
+        model(**tiny.batch("qwen2_vl", VIDEO))
+    assert pruner.stats["samples"][0]["videos"][0]["kept_per_frame"] == expected
+
+
+@pytest.mark.parametrize(("keep", "after", "per_frame"), [(8, 8, [4, 4]), (1, 1, [1, 0])])
+def test_pool_on_videos_pools_in_space_then_in_time(keep, after, per_frame):
+    model = tiny_model("qwen2_vl")
+    inputs = tiny.batch("qwen2_vl", VIDEO)
+    pruner = mmprune.get("pool", keep=keep)
+    captured = {}
+    original = model.model.get_video_features
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        captured["embeds"] = upstream.image_features(out)[0].detach().clone()
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.model, "get_video_features", spy)
+        with pruner.attach(model) as session, torch.no_grad():
+            model(**inputs)
+    video = pruner.stats["samples"][0]["videos"][0]
+    assert video["after"] == after and video["merged"] == after and video["kept_per_frame"] == per_frame
+    if keep == 1:  # (2, 2, 2)-style: one token, the mean of both 4x4 grids
+        assert session.output_index() is not None
+        grids = captured["embeds"].reshape(2, 16, -1)
+        expected = grids.mean(0).mean(0)
+        from mmprune.methods.pool import PoolPruner, video_groups
+        from mmprune.media import MediaItem, Segment
+
+        item = MediaItem(captured["embeds"], [Segment(k * 16, 4, 4, frame=k) for k in range(2)], modality="video")
+        assert [len(g) for g, _ in video_groups(item, 1)] == [2]
+        selection = PoolPruner(keep=1).select(item, 1)
+        torch.testing.assert_close(selection.embeds[0], expected)
