@@ -251,3 +251,51 @@ def test_pool_on_videos_pools_in_space_then_in_time(keep, after, per_frame):
         assert [len(g) for g, _ in video_groups(item, 1)] == [2]
         selection = PoolPruner(keep=1).select(item, 1)
         torch.testing.assert_close(selection.embeds[0], expected)
+
+
+def test_the_frames_helper_patchifies_as_the_image_processor_does():
+    """A still image is a one-frame video repeated over the temporal patch: the helper's patches for it must equal
+    the PIL image processor's, which pins the patch order without torchvision."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from mmprune.data.video import qwen_video_inputs
+
+    processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16,
+                                         max_pixels=100_000)
+    picture = Image.fromarray((np.random.RandomState(0).rand(32, 48, 3) * 255).astype(np.uint8))
+    reference = processor(images=[picture], return_tensors="pt")
+    ours = qwen_video_inputs([picture], processor, fps=2.0)
+    assert torch.equal(ours["video_grid_thw"], reference["image_grid_thw"])
+    torch.testing.assert_close(ours["pixel_values_videos"], reference["pixel_values"], rtol=0, atol=1e-6)
+    assert ours["video_tokens"] == 1 * 4 * 6 and ours["second_per_grid_ts"].tolist() == [1.0]
+
+
+def test_frames_to_a_pruned_answer_end_to_end():
+    import numpy as np
+    from transformers import Qwen2VLImageProcessorPil
+
+    from mmprune.data.video import qwen_video_inputs
+
+    frames = np.zeros((4, 30, 34, 3), np.uint8)  # a square moving right; resized to 32 x 32
+    for t in range(4):
+        frames[t, 10:20, 4 + 6 * t:14 + 6 * t] = 255
+    processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2)
+    video = qwen_video_inputs(frames, processor, fps=4.0)
+    count = video.pop("video_tokens")
+    assert video["video_grid_thw"].tolist() == [[2, 8, 8]] and count == 32
+    ids = torch.tensor([[5, 6, tiny.VISION_START] + [tiny.VIDEO_TOKEN] * count + [tiny.VISION_END, 7, 8]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=2 * (ids == tiny.VIDEO_TOKEN),
+                  **video)
+    model = tiny_model("qwen2_5_vl")
+    pruner = mmprune.get("evs", keep=0.75)
+    with pruner.attach(model), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)
+    video_stats = pruner.stats["samples"][0]["videos"][0]
+    assert video_stats["after"] == 24 and video_stats["frame_times"] == [0.0, 0.5]
+    with pytest.raises(ValueError, match="fps=0"):
+        qwen_video_inputs(frames, processor, fps=0)
+    with pytest.raises(ValueError, match=r"expected \(T, H, W, 3\) uint8"):
+        qwen_video_inputs(frames[..., 0], processor)

@@ -1,0 +1,71 @@
+"""Video inputs for Qwen2-VL / Qwen2.5-VL built from frames, without torchvision.
+
+transformers' video processors need torchvision (and a processor with a video slot cannot even be constructed
+without it). :func:`qwen_video_inputs` does what ``Qwen2VLVideoProcessor`` does for frames already sampled:
+resize to a multiple of ``patch_size * merge_size``, rescale and normalise with the image processor's mean and std,
+pad the frame count to a multiple of ``temporal_patch_size`` by repeating the last frame, and cut the clip into
+``temporal_patch_size x patch_size x patch_size`` patches in the order the model's patch embedding expects (the
+order of transformers' own ``patchify``, checked against the PIL image processor in the tests).
+
+    inputs = qwen_video_inputs(frames, processor.image_processor, fps=2.0)
+    text = f"<|vision_start|>{'<|video_pad|>' * inputs.pop('video_tokens')}<|vision_end|>What happens?"
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def as_frames(frames: Sequence | np.ndarray) -> list[Image.Image]:
+    """RGB PIL frames from PIL images or a ``(T, H, W, 3)`` uint8 array."""
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames array of shape {frames.shape} and dtype {frames.dtype}: expected (T, H, W, 3) "
+                             "uint8")
+        frames = [Image.fromarray(f) for f in frames]
+    frames = [f.convert("RGB") if isinstance(f, Image.Image) else None for f in frames]
+    if not frames or any(f is None for f in frames):
+        raise ValueError("frames: expected a non-empty list of PIL images or a (T, H, W, 3) uint8 array")
+    return frames
+
+
+def qwen_video_inputs(frames, image_processor, fps: float = 2.0) -> dict:
+    """``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` (Qwen2.5-VL reads it; Qwen2-VL ignores
+    it) and ``video_tokens`` (how many ``<|video_pad|>`` placeholders the prompt needs) for one video.
+
+    ``image_processor`` supplies ``patch_size``, ``temporal_patch_size``, ``merge_size``, ``image_mean`` and
+    ``image_std`` (the model's ``Qwen2VLImageProcessorPil`` has them). Frames are resized to the first frame's size
+    rounded to the nearest multiple of ``patch_size * merge_size`` (at least one), without Qwen's pixel-count
+    bounds: sample and size the frames as the model expects before calling this.
+    """
+    if not fps > 0:
+        raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
+    frames = as_frames(frames)
+    patch, temporal, merge = (int(image_processor.patch_size), int(image_processor.temporal_patch_size),
+                              int(image_processor.merge_size))
+    factor = patch * merge
+    width, height = frames[0].size
+    size = (max(factor, round(width / factor) * factor), max(factor, round(height / factor) * factor))
+    pixels = np.stack([np.asarray(f.resize(size, Image.BICUBIC), dtype=np.float32) / 255.0 for f in frames])
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(image_processor.image_std, dtype=np.float32)
+    clip = torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy())  # (T, C, H, W)
+    if clip.shape[0] % temporal:
+        clip = torch.cat([clip, clip[-1:].expand(temporal - clip.shape[0] % temporal, -1, -1, -1)])
+    return {**patchify(clip, patch, temporal, merge), "second_per_grid_ts": torch.tensor([temporal / fps])}
+
+
+def patchify(clip: torch.Tensor, patch: int, temporal: int, merge: int) -> dict:
+    """``(T, C, H, W)`` normalised frames (``T`` a multiple of ``temporal``) -> the model's flattened patches, in
+    ``(t, h / merge, w / merge, merge, merge)`` order, each patch ``(C, temporal, patch, patch)``."""
+    frames, channels, height, width = clip.shape
+    grid_t, grid_h, grid_w = frames // temporal, height // patch, width // patch
+    x = clip.reshape(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = x.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch)
+    return {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
+            "video_tokens": grid_t * grid_h * grid_w // (merge * merge)}
