@@ -12,31 +12,34 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from mmprune.engine.session import final_kept
+from mmprune.engine.session import LISTS, final_kept
 
 DROPPED = (20, 20, 20, 190)  # RGBA over a pruned cell
 TITLE_HEIGHT = 14
 
 
-def grid_segments(stats: dict, sample: int, image: int) -> list[list]:
-    """The patch grids (no 1x1 [CLS] or newline-only segments) of one image, largest last."""
+def grid_segments(stats: dict, sample: int, image: int, modality: str = "image") -> list[list]:
+    """The patch grids (no 1x1 [CLS] or newline-only segments) of one item: an image's largest last, a video's in
+    time order (one per temporal grid)."""
     try:
-        entry = stats["samples"][sample]["images"][image]
+        entry = stats["samples"][sample][LISTS[modality]][image]
     except (IndexError, KeyError, TypeError):
-        raise ValueError(f"stats hold no image {image} of sample {sample}") from None
+        raise ValueError(f"stats hold no {modality} {image} of sample {sample}") from None
     grids = [s for s in entry["segments"] if s[1] * s[2] > 1]
     if not grids:
-        raise ValueError(f"image {image} of sample {sample} has no patch grid in stats")
-    return sorted(grids, key=lambda s: s[1] * s[2])
+        raise ValueError(f"{modality} {image} of sample {sample} has no patch grid in stats")
+    return grids if modality == "video" else sorted(grids, key=lambda s: s[1] * s[2])
 
 
-def kept_cells(stats: dict, sample: int = 0, image: int = 0, segment: int = -1) -> tuple[int, int, set]:
-    """``(rows, cols, {(row, col) kept})`` of one grid of one image (default: its largest, the high-resolution
-    one on LLaVA-NeXT). Newline tokens are not cells."""
-    start, rows, cols, newline = grid_segments(stats, sample, image)[segment]
+def kept_cells(stats: dict, sample: int = 0, image: int = 0, segment: int = -1,
+               modality: str = "image") -> tuple[int, int, set]:
+    """``(rows, cols, {(row, col) kept})`` of one grid of one item: for an image, by default its largest (the
+    high-resolution one on LLaVA-NeXT); for a video, ``segment`` is the temporal grid. Newline tokens are not
+    cells."""
+    start, rows, cols, newline = grid_segments(stats, sample, image, modality)[segment]
     stride = cols + int(bool(newline))
     cells = set()
-    for index in final_kept(stats)[sample][image]:
+    for index in final_kept(stats, modality)[sample][image]:
         local = index - start
         if 0 <= local < rows * stride and local % stride < cols:
             cells.add(divmod(local, stride))
@@ -44,14 +47,15 @@ def kept_cells(stats: dict, sample: int = 0, image: int = 0, segment: int = -1) 
 
 
 def draw_kept(picture: Image.Image, stats: dict, sample: int = 0, image: int = 0, segment: int = -1,
-              title: str | None = None, scale: int = 1) -> Image.Image:
-    """``picture`` (the image given to the processor) with the cells of pruned tokens greyed out.
+              title: str | None = None, scale: int = 1, modality: str = "image") -> Image.Image:
+    """``picture`` (the image given to the processor, or a video frame) with the cells of pruned tokens greyed out.
 
-    ``sample``/``image`` pick the image in ``stats`` (``pruner.stats`` after a forward); ``segment`` picks one of
-    its grids (default: the largest). ``title`` is written in a band above the image; ``scale`` enlarges small
-    images (nearest neighbour) before drawing.
+    ``sample``/``image`` pick the item in ``stats`` (``pruner.stats`` after a forward; ``modality="video"`` for
+    videos); ``segment`` picks one of its grids (default: an image's largest; for a video, the temporal grid the
+    frame belongs to). ``title`` is written in a band above the image; ``scale`` enlarges small images (nearest
+    neighbour) before drawing.
     """
-    rows, cols, cells = kept_cells(stats, sample, image, segment)
+    rows, cols, cells = kept_cells(stats, sample, image, segment, modality)
     base = picture.convert("RGBA")
     if scale != 1:
         base = base.resize((base.width * scale, base.height * scale), Image.NEAREST)
@@ -79,9 +83,9 @@ def cell_box(size: tuple[int, int], rows: int, cols: int, row: int, col: int) ->
     return x0, y0, x1, y1
 
 
-def describe(stats: dict, sample: int = 0, image: int = 0) -> str:
-    """A title: method, budget, kept tokens of the image (and merged ones)."""
-    entry = stats["samples"][sample]["images"][image]
-    kept = len(final_kept(stats)[sample][image])
+def describe(stats: dict, sample: int = 0, image: int = 0, modality: str = "image") -> str:
+    """A title: method, budget, kept tokens of the item (and merged ones)."""
+    entry = stats["samples"][sample][LISTS[modality]][image]
+    kept = len(final_kept(stats, modality)[sample][image])
     merged = f", {entry['merged']} merged" if entry.get("merged") else ""
     return f"{stats['method']} keep={stats['keep']:g}: {kept}/{entry['before']} tokens{merged}"

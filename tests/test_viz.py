@@ -67,3 +67,26 @@ def test_a_missing_image_is_a_clear_error():
     stats = pruned_stats("llava", 0)
     with pytest.raises(ValueError, match="stats hold no image 2 of sample 0"):
         draw_kept(Image.new("RGB", (8, 8)), stats, image=2)
+
+
+def test_video_frames_draw_their_own_temporal_grid():
+    model = tiny_model("qwen2_vl")
+    pruner = mmprune.get("uniform", keep=3)
+    with pruner.attach(model), torch.no_grad():
+        model(**tiny.batch("qwen2_vl", [[2, ("vid", 1), 3]]))
+    grids = grid_segments(pruner.stats, 0, 0, "video")
+    assert [g[:3] for g in grids] == [[0, 4, 6], [24, 4, 6]]
+    kept = final_kept(pruner.stats, "video")[0][0]
+    frame = Image.new("RGB", (60, 40), (255, 255, 255))
+    for t in range(2):
+        expected = {divmod(i - 24 * t, 6) for i in kept if 24 * t <= i < 24 * (t + 1)}
+        assert kept_cells(pruner.stats, 0, 0, t, "video")[2] == expected
+        drawn = draw_kept(frame, pruner.stats, segment=t, modality="video")
+        white = set()
+        for r in range(4):
+            for c in range(6):
+                x0, y0, x1, y1 = cell_box(drawn.size, 4, 6, r, c)
+                if drawn.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == (255, 255, 255):
+                    white.add((r, c))
+        assert white == expected
+    assert describe(pruner.stats, modality="video") == "uniform keep=3: 3/48 tokens"
