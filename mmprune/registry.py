@@ -8,6 +8,7 @@ from dataclasses import fields
 from mmprune.methods import (
     DARTPruner,
     DivPrunePruner,
+    DyCokePruner,
     EVSPruner,
     FasterVLMPruner,
     FastVPruner,
@@ -42,6 +43,7 @@ METHODS: dict[str, type[Pruner]] = {
         VisionDropPruner,
         SparseVLMPruner,
         EVSPruner,
+        DyCokePruner,
     )
 }
 

@@ -299,3 +299,50 @@ def test_frames_to_a_pruned_answer_end_to_end():
         qwen_video_inputs(frames, processor, fps=0)
     with pytest.raises(ValueError, match=r"expected \(T, H, W, 3\) uint8"):
         qwen_video_inputs(frames[..., 0], processor)
+
+
+@pytest.mark.parametrize(("frames", "expected"), [
+    (8, {1: 0, 3: 2, 5: 4, 7: 6, 2: 0}),   # frame 6, the last group's third, stays whole
+    (12, {1: 0, 3: 2, 5: 4, 7: 6, 9: 8, 11: 10, 2: 0, 6: 4}),
+    (5, {1: 0, 3: 2, 2: 0}),               # odd count: the last frame (4) stays whole
+    (2, {1: 0}),
+])
+def test_dycoke_schedule_names_which_frames_are_pruned_against_which(frames, expected):
+    from mmprune.methods.dycoke import pruned_frames
+
+    assert pruned_frames(frames) == expected
+
+
+def test_dycoke_keeps_the_least_similar_tokens_of_each_pruned_frame():
+    from mmprune.methods.dycoke import merged_frames
+
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(8 * 6, 5, generator=g)
+    kept = merged_frames(embeds, 8, 2).tolist()
+    grids = embeds.reshape(8, 6, 5)
+    expected = []
+    for t in range(8):
+        reference = {1: 0, 3: 2, 5: 4, 7: 6, 2: 0}.get(t)
+        if reference is None:
+            expected += [t * 6 + p for p in range(6)]
+            continue
+        sims = [float(F.cosine_similarity(grids[t, p], grids[reference, p], dim=0)) for p in range(6)]
+        least = sorted(range(6), key=lambda p: (sims[p], p))[:2]
+        expected += [t * 6 + p for p in sorted(least)]
+    assert kept == expected
+    assert len(kept) == 3 * 6 + 5 * 2
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_dycoke_on_a_model_keeps_the_first_grid_and_prunes_the_second(family):
+    model = tiny_model(family)
+    pruner = mmprune.get("dycoke", keep=0.25)
+    with pruner.attach(model), torch.no_grad():
+        model.generate(**tiny.batch(family, [[2, ("img", 0), 3, ("vid", 1), 2]]), **GEN)
+    sample = pruner.stats["samples"][0]
+    video = sample["videos"][0]
+    assert video["kept_per_frame"] == [24, 6] and video["after"] == 30  # int(0.25 * 24) of the second grid
+    assert sample["images"][0]["after"] == sample["images"][0]["before"]
+    with pytest.raises(ValueError, match="more tokens than a frame has"):
+        with mmprune.get("dycoke", keep=30).attach(model), torch.no_grad():
+            model(**tiny.batch(family, VIDEO))

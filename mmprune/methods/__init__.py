@@ -11,6 +11,7 @@ from mmprune.methods.base import (
 )
 from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
+from mmprune.methods.dycoke import DyCokePruner
 from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
@@ -29,6 +30,7 @@ __all__ = [
     "POSITION_POLICIES",
     "DARTPruner",
     "DivPrunePruner",
+    "DyCokePruner",
     "EVSPruner",
     "FastVPruner",
     "FasterVLMPruner",
