@@ -179,12 +179,14 @@ def feature_getters(owner: nn.Module) -> dict[str, str]:
 
 
 def image_features(output: Any) -> list[torch.Tensor]:
-    """Per image, the ``(tokens, hidden)`` LLM-space features ``get_image_features`` returned."""
+    """Per image or video, the ``(tokens, hidden)`` LLM-space features ``get_image_features`` /
+    ``get_video_features`` returned (LLaVA-NeXT-Video gives ``(frames, tokens, hidden)`` per video before 5.21 and
+    ``(frames * tokens, hidden)`` since; both are flattened here)."""
     features = getattr(output, "pooler_output", None)
     if features is None:
         raise mismatch("get_image_features returns an output whose pooler_output holds one tensor per image",
                        f"it returned {type(output).__name__}")
-    return list(features)
+    return [feature.reshape(-1, feature.shape[-1]) for feature in features]
 
 
 # ---------------------------------------------------------------------------------------------- the language model
@@ -404,6 +406,12 @@ def _check_llava_next(adapter: Any) -> None:
              f"its parameters are {', '.join(params)}")
 
 
+def _check_video_pooler(adapter: Any) -> None:
+    _require(hasattr(adapter.inner, "vision_resampler") and hasattr(adapter.config, "spatial_pool_stride"),
+             "LLaVA-NeXT-Video pools frames with spatial_pool_stride in vision_resampler",
+             f"{type(adapter.inner).__name__} has no vision_resampler or the config no spatial_pool_stride")
+
+
 def _check_qwen_vision(adapter: Any) -> None:
     try:
         parts = qwen_vision(adapter.inner.visual)
@@ -431,8 +439,11 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("multimodal model: get_image_features, input_ids/pixel_values forward, .language_model",
                _check_image_features),
     Assumption("DynamicCache(config=...) with per-layer lengths", _check_dynamic_cache),
-    Assumption("CLIP attention fields", _check_clip, families=("llava", "llava-next")),
-    Assumption("LLaVA-NeXT crop count and packing helpers", _check_llava_next, families=("llava-next",)),
+    Assumption("CLIP attention fields", _check_clip, families=("llava", "llava-next", "llava-next-video")),
+    Assumption("LLaVA-NeXT crop count and packing helpers", _check_llava_next,
+               families=("llava-next", "llava-next-video")),
+    Assumption("LLaVA-NeXT-Video pools frames with spatial_pool_stride in vision_resampler", _check_video_pooler,
+               families=("llava-next-video",)),
     Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision, families=("qwen2-vl",)),
 ]
 

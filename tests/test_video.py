@@ -1,4 +1,5 @@
-"""Videos on Qwen2-VL / Qwen2.5-VL: items, placement, decode positions, stats, EVS and the video baselines."""
+"""Videos on Qwen2-VL / Qwen2.5-VL and LLaVA-NeXT-Video: items, placement, decode positions, stats, EVS, DyCoke
+and the video baselines."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mmprune import upstream
 from mmprune.engine.session import final_kept
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = QWEN + ["llava_next_video"]
 VIDEO_METHODS = pruning("video")
 GEN = dict(max_new_tokens=3, do_sample=False)
 VIDEO = [[3, ("vid", 0), 4]]
@@ -58,7 +60,7 @@ def test_the_late_video_prompt_has_temporal_ids_beyond_the_text(family):
 
 @pytest.mark.parametrize("method", VIDEO_METHODS + ["none"])
 @pytest.mark.parametrize("layout", ["late video", "image+video", "padded left", "padded right"])
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_reproduces_the_unpruned_model_on_videos(family, layout, method):
     model = tiny_model(family)
     if layout == "late video":
@@ -82,7 +84,7 @@ def test_keep_all_reproduces_the_unpruned_model_on_videos(family, layout, method
 
 
 @pytest.mark.parametrize("method", VIDEO_METHODS)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_padded_video_batch_equals_each_sample_alone(family, method):
     model = tiny_model(family)
     pruner = mmprune.get(method, keep=keep_for(method))
@@ -112,8 +114,8 @@ def test_decoding_continues_after_the_last_prompt_token(family, method):
         assert torch.equal(pruned[step][-3:].reshape(3, -1), unpruned[step][-3:].reshape(3, -1)), step
 
 
-@pytest.mark.parametrize("method", ["evs", "uniform", "pool", "divprune", "fastv", "dart"])
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("method", ["evs", "dycoke", "uniform", "pool", "divprune", "fastv", "dart"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_holds_text_plus_every_items_tokens(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, [[2, ("img", 0), 3, ("vid", 1), 2]])
@@ -159,7 +161,7 @@ def evs_rule(embeds: torch.Tensor, frames: int, count: int) -> list[int]:
 
 
 @pytest.mark.parametrize("keep", [0.75, 0.5, 20])
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_evs_keeps_the_most_changed_tokens_and_the_first_grid(family, keep):
     model = tiny_model(family)
     inputs = tiny.batch(family, [[2, ("vid", 1), 3], [1, ("img", 0), 2, ("vid", 0), 1]])
@@ -177,12 +179,14 @@ def test_evs_keeps_the_most_changed_tokens_and_the_first_grid(family, keep):
         with pruner.attach(model), torch.no_grad():
             model(**inputs)
     videos = final_kept(pruner.stats, "video")
-    for embeds, kept, frame in zip(captured["embeds"], [videos[0][0], videos[1][0]], [24, 16]):
+    stats = [pruner.stats["samples"][0]["videos"][0], pruner.stats["samples"][1]["videos"][0]]
+    for embeds, kept, video in zip(captured["embeds"], [videos[0][0], videos[1][0]], stats):
+        frames, frame = video["frames"][0], video["frames"][1] * video["frames"][2]
         count = keep if isinstance(keep, int) else int(embeds.shape[0] * keep)
-        assert kept == evs_rule(embeds, 2, max(count, frame))
+        assert kept == evs_rule(embeds, frames, max(count, frame))
         assert set(range(frame)) <= set(kept)  # the first grid whole
     image = pruner.stats["samples"][1]["images"][0]
-    assert image["after"] == image["before"] == 16  # images untouched
+    assert image["after"] == image["before"] == tiny.tokens_per_image(family, 0)  # images untouched
 
 
 def test_evs_kept_tokens_keep_their_original_ids():

@@ -12,6 +12,8 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -47,6 +49,16 @@ def llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
     return LlavaNextForConditionalGeneration(cfg).eval()
 
 
+def llava_next_video(seed: int = 0) -> LlavaNextVideoForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(vision_config=_clip(), text_config=LlamaConfig(**_text()), image_token_id=IMAGE_TOKEN,
+                               video_token_id=VIDEO_TOKEN, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default",
+                               image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], spatial_pool_mode="average",
+                               spatial_pool_stride=2)
+    return LlavaNextVideoForConditionalGeneration(cfg).eval()
+
+
 def qwen2_vl(seed: int = 0, v25: bool = False):
     torch.manual_seed(seed)
     vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
@@ -71,7 +83,7 @@ def image_pixels(family: str, image_id: int) -> dict:
     g = torch.Generator().manual_seed(1000 + image_id)
     if family == "llava":
         return {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         # (H, W) = (64, 64): base + 4 crops = 5 crops; 16 base tokens + 8 rows x (8 + newline) = 88 tokens
         return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
     # Qwen: 8x8 patches of 4 px -> 4x4 = 16 merged tokens; alternate a 8x12 image to vary the count
@@ -80,9 +92,13 @@ def image_pixels(family: str, image_id: int) -> dict:
 
 
 def video_pixels(family: str, video_id: int) -> dict:
-    """Deterministic patches of video ``video_id`` (Qwen families): 2 temporal grids of 8x8 (even ids) or 8x12
-    patches of 4 px (2 frames each), so 2 x 4 x 4 = 32 or 2 x 4 x 6 = 48 merged tokens."""
+    """Deterministic pixels of video ``video_id``. Qwen families: 2 temporal grids of 8x8 (even ids) or 8x12
+    patches of 4 px (2 frames each), so 2 x 4 x 4 = 32 or 2 x 4 x 6 = 48 merged tokens. LLaVA-NeXT-Video: 8 frames
+    of 32 px (its batches stack videos, so every video has the same frame count), each 4x4 patches pooled to 2x2:
+    32 tokens."""
     g = torch.Generator().manual_seed(2000 + video_id)
+    if family == "llava_next_video":
+        return {"pixel_values_videos": torch.randn(1, 8, 3, 32, 32, generator=g)}
     h, w = (8, 8) if video_id % 2 == 0 else (8, 12)
     out = {"pixel_values_videos": torch.randn(2 * h * w, 3 * 2 * 4 * 4, generator=g),
            "video_grid_thw": torch.tensor([[2, h, w]])}
@@ -92,13 +108,13 @@ def video_pixels(family: str, video_id: int) -> dict:
 
 
 def tokens_per_video(family: str, video_id: int) -> int:
-    return 32 if video_id % 2 == 0 else 48
+    return 32 if video_id % 2 == 0 or family == "llava_next_video" else 48
 
 
 def tokens_per_image(family: str, image_id: int) -> int:
     if family == "llava":
         return 16
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         return 88
     return 16 if image_id % 2 == 0 else 24
 
@@ -113,7 +129,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
         for part in sample:
             if isinstance(part, tuple) and part[0] == "vid":
                 run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
-                ids += [VISION_START] + run + [VISION_END]
+                ids += [VISION_START] + run + [VISION_END] if qwen else run
                 videos.append(video_pixels(family, part[1]))
             elif isinstance(part, tuple):
                 image_id = part[1]
@@ -142,6 +158,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
 BUILDERS = {
     "llava": llava,
     "llava_next": llava_next,
+    "llava_next_video": llava_next_video,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
 }
