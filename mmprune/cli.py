@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import mmprune
+from mmprune import upstream
 from mmprune.engine.session import final_kept
 from mmprune.zoo import SHIPPED_MODEL
 
@@ -113,7 +114,7 @@ def resolve_dtype(dtype: str, device: str):
 
 def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implementation: str | None = None):
     """Model and processor from a local path or hub id, through the stock HF auto classes."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = Path(model_id).expanduser()
@@ -125,13 +126,61 @@ def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implement
                            "processor files) or a hub id")
     hf_logging.disable_progress_bar()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    source = str(path) if looks_like_path(model_id) else model_id
     try:
-        processor = AutoProcessor.from_pretrained(str(path) if looks_like_path(model_id) else model_id)
-        model = AutoModelForImageTextToText.from_pretrained(str(path) if looks_like_path(model_id) else model_id,
-                                                            dtype=resolve_dtype(dtype, device), **extra)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, device), **extra)
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+        except (ImportError, AttributeError):
+            # Qwen's processors cannot be built without torchvision (their video slot); its parts can
+            processor = MediaParts(AutoTokenizer.from_pretrained(source), upstream.load_image_processor(source))
     except (OSError, ValueError, ImportError) as exc:
         raise CliError(f"--model {model_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), processor
+
+
+class MediaParts:
+    """A tokenizer and an image processor standing in for a processor that cannot be built here."""
+
+    def __init__(self, tokenizer, image_processor) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+
+def qwen_inputs(model, processor, images: list, frames: list | None, prompt: str, fps: float) -> dict:
+    """Qwen2-VL/Qwen2.5-VL inputs built from the tokenizer and the image processor (what the processor does, without
+    its torchvision-only video part): placeholders expanded to each image's and the video's token count."""
+    from mmprune.data.video import qwen_video_inputs
+
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    config = model.config
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+    content = [{"type": "image"} for _ in images] + ([{"type": "video"}] if frames else [])
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    merge = int(image_processor.merge_size) ** 2
+    extra: dict = {}
+    if images:
+        pixels = image_processor(images=images, return_tensors="pt")
+        extra.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        counts = iter(int(g.prod()) // merge for g in pixels["image_grid_thw"])
+        text = "".join(part + (image_token * next(counts) if i < len(images) else "")
+                       for i, part in enumerate(text.split(image_token)))
+    if frames:
+        video = qwen_video_inputs(frames, image_processor, fps=fps)
+        text = text.replace(video_token, video_token * video.pop("video_tokens"), 1)
+        if not upstream.accepts(model.model.forward, "second_per_grid_ts"):
+            video.pop("second_per_grid_ts")  # Qwen2-VL spaces grids by one position, whatever the time
+        extra.update(video)
+    inputs = dict(tokenizer([text], return_tensors="pt"))
+    ids = inputs["input_ids"]
+    inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+    return {**inputs, **extra}
 
 
 def parse_params(items: list[str] | None) -> dict:
@@ -159,10 +208,20 @@ def build_inputs(processor, images: list, prompt: str):
     return processor(images=images, text=text, return_tensors="pt")
 
 
-def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens: int) -> dict:
+def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens: int, frames: list | None = None,
+             fps: float = 2.0) -> dict:
     import torch
 
-    inputs = build_inputs(processor, images, prompt).to(model.device)
+    from mmprune.models import adapter_for
+
+    if frames or isinstance(processor, MediaParts):
+        if adapter_for(model).family != "qwen2-vl":
+            raise CliError(f"--video: the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL models; "
+                           f"{type(model).__name__} is not one (LLaVA-NeXT-Video videos work through the Python API)")
+        inputs = {k: v.to(model.device) for k, v in qwen_inputs(model, processor, images, frames, prompt,
+                                                               fps).items()}
+    else:
+        inputs = build_inputs(processor, images, prompt).to(model.device)
     started = time.perf_counter()
     with pruner.attach(model), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -188,6 +247,8 @@ def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens
         # per image: output tokens that carry merged/pooled content; they count in visual_tokens_after and occupy a
         # slot listed in kept (their target's), so kept alone under-counts what a merging method passes on
         "merged": [image["merged"] for image in sample["images"]],
+        "videos": [{key: video.get(key) for key in ("before", "after", "frames", "frame_times", "kept_per_frame",
+                                                    "note")} for video in sample["videos"]],
         "stats": stats,
     }
 
@@ -230,15 +291,25 @@ def cmd_run(args: argparse.Namespace) -> None:
         pruner = mmprune.get(args.method, keep=keep, **parse_params(args.param))
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    images = [read_image(path) for path in args.image]
+    if not args.image and not args.video:
+        raise CliError("give at least one --image or a --video")
+    images = [read_image(path) for path in args.image or ()]
+    frames = None
+    if args.video:
+        from mmprune.data.video import read_frames
+
+        try:
+            frames = read_frames(args.video, fps=args.fps, max_frames=args.max_frames)
+        except ValueError as exc:
+            raise CliError(f"--video: {exc}") from None
     device = resolve_device(args.device)
     model, processor = load(args.model, device, args.dtype, args.attn_implementation)
     try:
-        result = run_once(model, processor, pruner, images, args.prompt, args.max_new_tokens)
+        result = run_once(model, processor, pruner, images, args.prompt, args.max_new_tokens, frames, args.fps)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     stats = result.pop("stats")
-    if args.save_kept:
+    if args.save_kept and images:
         result["saved"] = save_kept(args.save_kept, images, stats)
     if args.json:
         print(json.dumps(result))
@@ -248,6 +319,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"[{result['method']} keep={result['keep']}] visual tokens {result['visual_tokens_before']} -> "
           f"{result['visual_tokens_after']}{f' ({merged} merged)' if merged else ''} "
           f"(selection {result['selection_ms']:.1f} ms)")
+    for video in result["videos"]:
+        print(f"video: {video['before']} -> {video['after']} tokens over {video['frames'][0]} temporal grids "
+              f"(kept per grid {video['kept_per_frame']})" + (f"; {video['note']}" if video.get("note") else ""))
     for path in result.get("saved", []):
         print(f"kept tokens drawn in {path}")
 
@@ -371,8 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local path or hub id of a supported HF VLM (default: the shipped shapes-llava model)")
     run.add_argument("--method", required=True, help="method name (see `mmprune methods`)")
     run.add_argument("--keep", required=True, help="int: visual tokens kept per image; float in (0, 1]: fraction")
-    run.add_argument("--image", required=True, action="append",
-                     help="image file (repeat for several images in one prompt)")
+    run.add_argument("--image", action="append", help="image file (repeat for several images in one prompt)")
+    run.add_argument("--video", help="a video file (decoded with PyAV) or a folder of frames; Qwen2-VL/2.5-VL models")
+    run.add_argument("--fps", type=float, default=2.0, help="with --video: frames per second sampled (a folder's "
+                     "frames are taken as sampled at this rate)")
+    run.add_argument("--max-frames", type=int, default=32, help="with --video: at most this many frames")
     run.add_argument("--prompt", required=True, help="question about the image")
     run.add_argument("--param", action="append", metavar="NAME=VALUE",
                      help="a method hyper-parameter, e.g. --param layers=[4,8] (repeatable; see `mmprune methods NAME`)")

@@ -81,6 +81,28 @@ def _parameters(function: Callable) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(function).parameters)
 
 
+def accepts(function: Callable, name: str) -> bool:
+    """Whether ``function`` (a model's forward) takes the argument ``name``."""
+    return name in _parameters(function)
+
+
+def load_image_processor(source: str) -> Any:
+    """The model's image processor. Without torchvision, ``AutoImageProcessor`` refuses outright on some releases
+    (5.14-5.2x); the PIL class of the saved type (``<type>Pil``) loads the same settings."""
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except ImportError:
+        saved = ImageProcessingMixin.get_image_processor_dict(source)[0].get("image_processor_type", "")
+        name = saved if saved.endswith("Pil") else saved.removesuffix("Fast") + "Pil"
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise
+        return cls.from_pretrained(source)
+
+
 # ---------------------------------------------------------------------------------------------- the KV cache
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")  # 5.24 renamed past_key_values to cache
 

@@ -179,3 +179,72 @@ def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys):
     assert [row.split()[0] for row in table] == ["none", *demo.METHODS]
     assert [row.split()[1] for row in table] == ["144"] + ["16"] * len(demo.METHODS)
     assert sorted(p.name for p in tmp_path.glob("kept_*.png")) == [f"kept_{m}.png" for m in sorted(demo.METHODS)]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from mmprune.zoo.tiny_random import build_tiny_qwen2_vl
+
+    return str(build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny") / "qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("frames")
+    for t in range(4):  # a white square moving right over 4 frames of 32 x 32
+        frame = Image.new("RGB", (32, 32), (0, 0, 0))
+        frame.paste((255, 255, 255), (4 + 6 * t, 10, 14 + 6 * t, 20))
+        frame.save(folder / f"frame_{t:02d}.png")
+    return str(folder)
+
+
+def test_run_prunes_a_video_from_a_folder_of_frames(qwen_dir, frames_dir, image_file, capsys):
+    assert run("run", "--model", qwen_dir, "--method", "evs", "--keep", "0.75", "--video", frames_dir,
+               "--image", image_file, "--fps", "4", "--prompt", "what is the shape ?", "--max-new-tokens", "2",
+               "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    video = result["videos"][0]
+    # 4 frames of 32 px, patch 4, 2 frames per grid, 2x2 merge: 2 grids of 4 x 4 = 32 tokens; EVS keeps 24
+    assert video["frames"] == [2, 4, 4] and video["before"] == 32 and video["after"] == 24
+    assert video["kept_per_frame"][0] == 16 and video["frame_times"] == [None, None]  # Qwen2-VL: no time
+    assert result["visual_tokens_before"] > video["before"] and len(result["kept"]) == 1  # the image counts too
+    assert run("run", "--model", qwen_dir, "--method", "evs", "--keep", "0.75", "--video", frames_dir,
+               "--prompt", "what ?", "--max-new-tokens", "1") == 0
+    assert "video: 32 -> 24 tokens over 2 temporal grids (kept per grid [16, 8])" in capsys.readouterr().out
+
+
+def test_run_decodes_a_video_file_with_pyav(qwen_dir, frames_dir, tmp_path, capsys):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for name in sorted(__import__("os").listdir(frames_dir)):
+            frame = av.VideoFrame.from_image(Image.open(f"{frames_dir}/{name}"))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    assert run("run", "--model", qwen_dir, "--method", "uniform", "--keep", "8", "--video", str(path), "--fps", "4",
+               "--prompt", "what ?", "--max-new-tokens", "1", "--json") == 0
+    video = json.loads(capsys.readouterr().out)["videos"][0]
+    assert video["frames"] == [2, 4, 4] and video["after"] == 8 and video["kept_per_frame"] == [4, 4]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--video", "/no/such/clip.mp4"), "--video: '/no/such/clip.mp4': no such video file or folder of frames"),
+    (("--method", "fastervlm", "--video", "FRAMES"), "fastervlm does not prune video"),
+    (("--video", "FRAMES", "--fps", "0"), "fps=0.0: expected a positive number"),
+    (("--model", "LLAVA", "--video", "FRAMES"), "the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL models"),
+    ((), "give at least one --image or a --video"),
+])
+def test_bad_video_options_exit_2_with_one_line(args, message, qwen_dir, frames_dir, model_dir, capsys):
+    args = tuple(frames_dir if a == "FRAMES" else model_dir if a == "LLAVA" else a for a in args)
+    base = {"--model": qwen_dir, "--method": "evs"}
+    for i in range(0, len(args) - 1):
+        if args[i] in base:
+            base[args[i]] = args[i + 1]
+    rest = [a for i, a in enumerate(args) if a not in base and (i == 0 or args[i - 1] not in base)]
+    argv = ["run", "--model", base["--model"], "--method", base["--method"], "--keep", "0.5", "--prompt", "q", *rest]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -69,3 +69,51 @@ def patchify(clip: torch.Tensor, patch: int, temporal: int, merge: int) -> dict:
     flat = x.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch)
     return {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
             "video_tokens": grid_t * grid_h * grid_w // (merge * merge)}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def read_frames(path, fps: float = 2.0, max_frames: int | None = None) -> list[Image.Image]:
+    """Frames of a video sampled at ``fps``: a folder of image files (taken in name order as already sampled at
+    ``fps``) or a video file decoded with PyAV (``pip install av``), keeping the first frame at or after each
+    ``1 / fps`` step of its timestamps. ``max_frames`` caps the count (evenly spaced over the clip)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not fps > 0:
+        raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{str(path)!r} holds no image frames ({', '.join(IMAGE_SUFFIXES)})")
+        frames = [Image.open(p).convert("RGB") for p in files]
+    elif path.is_file():
+        frames = decode(path, fps)
+    else:
+        raise ValueError(f"{str(path)!r}: no such video file or folder of frames")
+    if max_frames is not None and len(frames) > max_frames:
+        frames = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, max_frames).round()]
+    return frames
+
+
+def decode(path, fps: float) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"decoding {str(path)!r} needs PyAV (pip install av); or pass a folder of frames") from None
+    frames, next_time = [], 0.0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                seconds = float(frame.pts * stream.time_base) if frame.pts is not None else next_time
+                if seconds + 1e-6 >= next_time:
+                    frames.append(frame.to_image().convert("RGB"))
+                    next_time += 1.0 / fps
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable video: {exc}") from None
+    if not frames:
+        raise ValueError(f"{str(path)!r} holds no video frames")
+    return frames
+
