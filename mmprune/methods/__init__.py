@@ -8,6 +8,7 @@ from mmprune.methods.base import (
     PreLLMPruner,
     Pruner,
     SingleStagePruner,
+    VideoPruner,
 )
 from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
@@ -48,6 +49,7 @@ __all__ = [
     "SparseVLMPruner",
     "ToDREPruner",
     "UniformPruner",
+    "VideoPruner",
     "VisionDropPruner",
     "VisionZipPruner",
 ]

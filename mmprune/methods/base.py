@@ -116,6 +116,23 @@ class PreLLMPruner(Pruner):
         return self.budget(num_tokens)
 
 
+@dataclass
+class VideoPruner(PreLLMPruner):
+    """A pre-LLM method that prunes videos only (EVS, DyCoke): images pass through whole, videos go to
+    :meth:`prune_video`."""
+
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    passes_through: ClassVar[tuple[str, ...]] = ("image",)
+
+    def prune_image(self, tokens: MediaItem) -> Selection:
+        if tokens.modality != "video":
+            return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)
+        return self.prune_video(tokens)
+
+    def prune_video(self, tokens: MediaItem) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 def scale_layers(layers: list[int] | tuple[int, ...], num_layers: int, reference_depth: float = 32) -> list[int]:
     """A schedule given for a ``reference_depth``-layer LLM (the papers' 7B models) moved to ``num_layers``,
     keeping each stage at the same relative depth (at least layer 1, strictly increasing)."""

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from mmprune.media import MediaItem, Selection
-from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.base import VideoPruner
 
 
 @dataclass
-class DyCokePruner(PreLLMPruner):
+class DyCokePruner(VideoPruner):
     """Keep, in most frames, only the tokens that changed since a reference frame (DyCoke's TTM stage).
 
     Paper: "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models" (CVPR 2025,
@@ -41,15 +41,11 @@ class DyCokePruner(PreLLMPruner):
 
     keep: int | float = 0.3
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
-    passes_through: ClassVar[tuple[str, ...]] = ("image",)
     name: ClassVar[str] = "dycoke"
     summary: ClassVar[str] = "videos: frames keep only the tokens changed since a reference frame (DyCoke TTM)"
     keep_means: ClassVar[str] = "share (or count) of tokens kept in each pruned frame (1 - merging ratio)"
 
-    def prune_image(self, tokens: MediaItem) -> Selection:
-        if tokens.modality != "video":
-            return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)
+    def prune_video(self, tokens: MediaItem) -> Selection:
         frames = len(tokens.frames)
         per_frame = tokens.frames[0].size
         count = self.keep if isinstance(self.keep, int) else int(self.keep * per_frame)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from mmprune.media import MediaItem, Selection
-from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.base import VideoPruner
 
 
 @dataclass
-class EVSPruner(PreLLMPruner):
+class EVSPruner(VideoPruner):
     """Keep the video tokens that changed most since the previous temporal grid; the first grid stays whole.
 
     Paper: "Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM Inference"
@@ -40,16 +40,11 @@ class EVSPruner(PreLLMPruner):
 
     keep: int | float = 0.25
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
-    passes_through: ClassVar[tuple[str, ...]] = ("image",)
     name: ClassVar[str] = "evs"
-    stage: ClassVar[str] = "pre-llm"
     summary: ClassVar[str] = "videos: the tokens most changed since the previous frame, first frame whole (vLLM EVS)"
     keep_means: ClassVar[str] = "video tokens kept per video (images are not pruned)"
 
-    def prune_image(self, tokens: MediaItem) -> Selection:
-        if tokens.modality != "video":
-            return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)
+    def prune_video(self, tokens: MediaItem) -> Selection:
         frame = tokens.frames[0].size
         n = tokens.num_tokens
         count = self.keep if isinstance(self.keep, int) else int(n * self.keep)
