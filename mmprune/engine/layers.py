@@ -2,7 +2,7 @@
 
 One forward pre-hook per decoder layer. During a pruned prefill:
 
-* at a stage layer ``K`` the method chooses, per image, which of its current tokens go on; the hidden states are
+* at a stage layer ``K`` the method chooses, per item (image or video), which of its current tokens go on; the hidden states are
   compacted (each sample re-padded on its original side, as before the first layer) and layers ``K..`` get a
   matching attention mask (built by transformers' own ``create_causal_mask`` against that layer's cache), position
   ids and rotary embeddings. Each layer's KV cache therefore holds only the tokens that entered it;
@@ -80,7 +80,7 @@ class StageContext:
         layer: the stage layer; the chosen tokens are the ones that enter it.
         hidden: ``(B, L, D)`` hidden states entering ``layer``.
         mask: ``(B, L)`` bool, real (non-padding) tokens.
-        tracks: one :class:`ItemTrack` per image (sample, current positions, original indices).
+        tracks: one :class:`ItemTrack` per image or video (sample, modality, current positions, original indices).
         stage: index of this stage in the method's schedule.
     """
 
@@ -241,7 +241,7 @@ class LayerRunner:
 
     # ------------------------------------------------------------------ prefill
     def plan(self, tracks: list[ItemTrack]) -> list[list[int]]:
-        """The method's stage layers (checked) and, per image, the most tokens left after each stage."""
+        """The method's stage layers (checked) and, per item, the most tokens left after each stage."""
         layers, counts = self.pruner.plan(tracks, self.num_layers)
         layers = [int(layer) for layer in layers]
         if layers != sorted(set(layers)) or not all(0 < layer < self.num_layers for layer in layers):

@@ -20,10 +20,10 @@ from mmprune.media import Selection
 
 @dataclass
 class ItemSpan:
-    """Where one image's visual tokens sit in the batch and what survives of them."""
+    """Where one item's (image's or video's) tokens sit in the batch and what survives of them."""
 
     sample: int
-    positions: torch.Tensor  # (N,) sequence indices of the image's tokens, ascending
+    positions: torch.Tensor  # (N,) sequence indices of the item's tokens, ascending
     selection: Selection
 
 

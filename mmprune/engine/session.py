@@ -1,17 +1,18 @@
-"""Attaching a method to a stock HF VLM: the hooks that take visual tokens out before the first decoder layer.
+"""Attaching a method to a stock HF VLM: the hooks that take media tokens out before the first decoder layer.
 
 Interception points, all removed on detach:
 
-1. a forward pre-hook on the multimodal model (``model.model``) records ``input_ids`` (where the image tokens are)
-   and refuses input modalities the engine does not prune (videos, audio): they would pass through unpruned;
-2. the model's ``get_image_features`` is wrapped (an instance attribute shadowing the class method) so the adapter
-   can describe each image's tokens to the method; the encoders of unsupported modalities
-   (``get_video_features``, ...) are wrapped to refuse before they run;
+1. a forward pre-hook on the multimodal model (``model.model``) records ``input_ids`` (where the media tokens are)
+   and refuses media the family or the method does not prune (they would pass through unpruned);
+2. the model's ``get_image_features`` / ``get_video_features`` are wrapped (instance attributes shadowing the class
+   methods) so the adapter can describe each image's or video's tokens to the method as a ``MediaItem``; an
+   encoder of a modality the family or the method does not handle refuses before it runs;
 3. a forward pre-hook on the language model rewrites its inputs: at prefill it applies the selections and compacts
    ``inputs_embeds`` / ``attention_mask`` / ``position_ids``; at each later step on the same KV cache it maps the
    mask and positions that ``generate`` computed for the original layout onto the compacted cache;
-4. ``model.generate`` is wrapped only to know that a forward belongs to a generation (decoding without a KV cache
-   would re-run the whole prompt unpruned at every step, so it is refused).
+4. ``model.generate`` is wrapped to refuse, before anything runs, the decoding modes the engine cannot follow (no
+   KV cache, beam search, several sequences per prompt, assisted decoding, static caches), and to know that a
+   forward belongs to a generation.
 
 The language model keeps its attention implementation (SDPA, FlashAttention); nothing asks it for attention weights.
 Every transformers detail these hooks rely on is read through :mod:`mmprune.upstream`.
