@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speed", action="store_true",
                        help="time methods on a random-weight model of --geometry instead of answering questions")
     bench.add_argument("--geometry", default="small",
-                       help="with --speed: small (CPU), llava-1.5-7b, llava-next-7b or qwen2.5-vl-7b")
+                       help="with --speed: small or small-video (CPU), llava-1.5-7b, llava-next-7b or qwen2.5-vl-7b")
     bench.add_argument("--batches", default="1,16", help="with --speed: comma-separated batch sizes")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -239,3 +239,17 @@ def test_speed_mode_times_methods_on_a_random_architecture(family):
     visual = {"llava": 16, "llava_next": 88, "qwen2_5_vl": 16}[family]
     assert rows[0]["visual_tokens"] == visual and rows[0]["tokens_per_layer_last"] == round(0.25 * visual)
     assert "| fastv | 0.25 |" in speed_markdown(rows)
+
+
+def test_speed_mode_times_video_methods_on_a_video_geometry():
+    from mmprune.bench.speed import speed_markdown, speed_sweep
+
+    geometry = dict(TINY_GEOMETRIES["qwen2_5_vl"], video={"frames": 4, "size": 32})
+    rows = speed_sweep(geometry, ["evs", "dycoke", "fastv"], [0.5], batches=(1,), text=8, reps=1, decode_steps=2,
+                       device="cpu", progress=False)
+    assert [(r["method"], r["status"]) for r in rows] == [("evs", "ok"), ("dycoke", "ok"), ("fastv", "ok")]
+    # 4 frames of 32 px, patch 4, 2 frames per grid, merge 2: 2 grids of 4 x 4 = 32 video tokens
+    assert all(r["visual_tokens"] == 32 and r["flops_speedup"] > 1 for r in rows)
+    by = {r["method"]: r for r in rows}
+    assert by["evs"]["tokens_per_layer_last"] == 16 and by["dycoke"]["tokens_per_layer_last"] == 16 + 8
+    assert "| evs | 0.5 |" in speed_markdown(rows)

@@ -29,7 +29,7 @@ import mmprune
 from mmprune.bench.flops import Geometry, prefill_flops
 from mmprune.bench.sweep import PLAUSIBLE_OVER_PREDICTION, timed_pair
 
-IMAGE_TOKEN, VISION_START, VISION_END = 32000, 32001, 32002
+IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
           "image_size": 336, "patch_size": 14, "projection_dim": 768}
 GEOMETRIES = {
@@ -51,6 +51,16 @@ GEOMETRIES = {
         "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                  "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+    # a Qwen2.5-VL-style model on a video: 16 frames of 224 px = 8 temporal grids of 16 x 16 patches, 8 x 8 merged
+    # tokens each (512 video tokens); a 0.5B-class decoder as in "small"; the CPU geometry for video methods
+    "small-video": {
+        "family": "qwen2_5_vl", "video": {"frames": 16, "size": 224},
+        "vision": {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
+                   "fullatt_block_indexes": [3, 7, 11], "in_channels": 3, "tokens_per_second": 2},
+        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
                  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
     "small": {
         "family": "llava",
@@ -78,7 +88,7 @@ def build(spec: dict, device: torch.device, dtype: torch.dtype):
                                  **common)
         cls = LlavaNextForConditionalGeneration
     elif family == "qwen2_5_vl":
-        config = Qwen2_5_VLConfig(vision_config=spec["vision"], text_config=spec["text"], video_token_id=32003,
+        config = Qwen2_5_VLConfig(vision_config=spec["vision"], text_config=spec["text"], video_token_id=VIDEO_TOKEN,
                                   vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, **common)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
@@ -108,8 +118,16 @@ def image_inputs(spec: dict, model, batch: int, generator) -> tuple[dict, int, i
                                                     image_sizes=pixels["image_sizes"][:1]).pooler_output[0].shape[0]
         return pixels, tokens, (crop // spec["vision"]["patch_size"]) ** 2 + 1
     vision = spec["vision"]
-    side = spec["image"] // vision["patch_size"]
     patch_dim = 3 * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    if "video" in spec:  # one video per prompt: the tower attends within each temporal grid (a "crop")
+        side = spec["video"]["size"] // vision["patch_size"]
+        grids = spec["video"]["frames"] // vision["temporal_patch_size"]
+        pixels = {"pixel_values_videos": torch.randn(batch * grids * side * side, patch_dim,
+                                                     generator=generator).to(device, dtype),
+                  "video_grid_thw": torch.tensor([[grids, side, side]] * batch, device=device),
+                  "second_per_grid_ts": torch.tensor([1.0] * batch, device=device)}
+        return pixels, grids * side * side // vision["spatial_merge_size"] ** 2, side * side
+    side = spec["image"] // vision["patch_size"]
     pixels = {"pixel_values": torch.randn(batch * side * side, patch_dim, generator=generator).to(device, dtype),
               "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=device)}
     return pixels, side * side // vision["spatial_merge_size"] ** 2, side * side
@@ -120,13 +138,13 @@ def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple
     pixels, tokens, crop_tokens = image_inputs(spec, model, batch, generator)
     before = torch.randint(10, 30000, (batch, text // 2), generator=generator)
     after = torch.randint(10, 30000, (batch, text - text // 2), generator=generator)
-    image = torch.full((batch, tokens), IMAGE_TOKEN)
+    image = torch.full((batch, tokens), VIDEO_TOKEN if "video" in spec else IMAGE_TOKEN)
     if spec["family"] == "qwen2_5_vl":
         image = torch.cat([torch.full((batch, 1), VISION_START), image, torch.full((batch, 1), VISION_END)], 1)
     ids = torch.cat([before, image, after], dim=1).to(model.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
     if spec["family"] == "qwen2_5_vl":
-        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
     return inputs, tokens, crop_tokens
 
 
@@ -139,6 +157,8 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
     model = build(spec, device, dtype)
     g = Geometry.from_config(model.config)
     crops = 1 + (spec["image"] // spec["vision"]["image_size"]) ** 2 if spec["family"] == "llava_next" else 1
+    if "video" in spec:  # the tower attends within each temporal grid
+        crops = spec["video"]["frames"] // spec["vision"]["temporal_patch_size"]
     reference = mmprune.get("none")
     rows = []
     bar = tqdm(total=len(batches) * len(methods) * len(keeps), desc="speed", unit="run", disable=not progress)
