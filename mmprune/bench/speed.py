@@ -61,7 +61,7 @@ GEOMETRIES = {
                    "fullatt_block_indexes": [3, 7, 11], "in_channels": 3, "tokens_per_second": 2},
         "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
                  "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+                 "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}},  # head_dim 64: sections sum to 32
     "small": {
         "family": "llava",
         "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
