@@ -54,3 +54,20 @@ def test_bad_layer_counts():
     g = Geometry.from_config(tiny_model("llava").config)
     with pytest.raises(ValueError, match="3 entries for 4 layers"):
         llm_prefill_flops(g, 7, [16, 16, 16])
+
+
+def test_a_video_tower_is_counted_per_temporal_grid_by_hand():
+    """Tiny Qwen2.5-VL (tests/tiny.py): vision width 32, gated MLP 64, 2 blocks, patch 4 x 4 x 2 frames (patch dim
+    3*2*4*4 = 96), merge 2x2 -> projector 128->128->32. Video 0: 2 temporal grids of 8 x 8 patches; the tower
+    attends within each grid (64 tokens), the projector maps the 2 x 16 = 32 merged tokens."""
+    g = Geometry.from_config(tiny_model("qwen2_5_vl").config)
+    assert (g.vision_hidden, g.vision_intermediate, g.vision_layers, g.vision_ffn_matrices, g.patch_dim) == (
+        32, 64, 2, 3, 96)
+
+    def block(n):  # Q, K, V, O 2*n*32*32 each; QK^T and AV 2*n*n*32 each; gated MLP 3 x 2*n*32*64
+        return 2 * n * 32 * 32 * 4 + 2 * n * n * 32 * 2 + 2 * n * 32 * 64 * 3
+
+    per_grid = 2 * 64 * 96 * 32 + 2 * block(64)
+    projector = 2 * 32 * 128 * 128 + 2 * 32 * 128 * 32
+    out = prefill_flops(g, 9, [32] * 4, crops=2, visual_before=32, tokens_per_crop=64)
+    assert out["vision"] == 2 * per_grid + projector == 2 * (393216 + 2 * 1835008) + 1310720
