@@ -118,7 +118,8 @@ def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implement
     from transformers.utils import logging as hf_logging
 
     path = Path(model_id).expanduser()
-    if looks_like_path(model_id):
+    local = looks_like_path(model_id)
+    if local:
         if not path.exists():
             raise CliError(f"--model {model_id!r}: no such folder")
         if not path.is_dir():
@@ -126,7 +127,7 @@ def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implement
                            "processor files) or a hub id")
     hf_logging.disable_progress_bar()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    source = str(path) if looks_like_path(model_id) else model_id
+    source = str(path) if local else model_id
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, device), **extra)
         try:
@@ -145,7 +146,6 @@ class MediaParts:
     def __init__(self, tokenizer, image_processor) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.chat_template = getattr(tokenizer, "chat_template", None)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -179,7 +179,7 @@ def qwen_inputs(model, processor, images: list, frames: list | None, prompt: str
         extra.update(video)
     inputs = dict(tokenizer([text], return_tensors="pt"))
     ids = inputs["input_ids"]
-    inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+    inputs["mm_token_type_ids"] = upstream.mm_token_types(ids, config.image_token_id, config.video_token_id)
     return {**inputs, **extra}
 
 

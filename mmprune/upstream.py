@@ -189,9 +189,10 @@ def modalities_in(arguments: dict) -> set[str]:
     return found
 
 
-def pre_encoded(arguments: dict, modality: str) -> Any:
-    """What generate() encoded for ``modality`` before the forward (``None`` when absent)."""
-    return (arguments.get(PRE_ENCODED_ARGUMENT) or {}).get(modality)
+def mm_token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """``mm_token_type_ids`` as the Qwen processors give them (text 0, image 1, video 2); from 5.2x
+    ``get_rope_index`` needs them to compute M-RoPE positions."""
+    return (input_ids == image_token_id).int() + 2 * (input_ids == video_token_id).int()
 
 
 def feature_getters(owner: nn.Module) -> dict[str, str]:

@@ -26,8 +26,9 @@ from transformers import (
 )
 
 import mmprune
+from mmprune import upstream
 from mmprune.bench.flops import Geometry, prefill_flops
-from mmprune.bench.sweep import PLAUSIBLE_OVER_PREDICTION, timed_pair
+from mmprune.bench.sweep import implausible, timed_pair
 
 IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -144,7 +145,7 @@ def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple
     ids = torch.cat([before, image, after], dim=1).to(model.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
     if spec["family"] == "qwen2_5_vl":
-        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        inputs["mm_token_type_ids"] = upstream.mm_token_types(ids, IMAGE_TOKEN, VIDEO_TOKEN)
     return inputs, tokens, crop_tokens
 
 
@@ -184,8 +185,7 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
                                measured_over_predicted=measured / predicted,
                                e2e_speedup=speed["e2e_ref"] / speed["e2e"],
                                selection_share=speed["selection_ms"] / (1000 * speed["prefill"]),
-                               timing_noisy=(f"prefill {measured:.1f}x where FLOPs predict {predicted:.1f}x"
-                                             if measured > PLAUSIBLE_OVER_PREDICTION * predicted else None))
+                               timing_noisy=implausible("prefill", measured, predicted))
                 except Exception as exc:  # reported, the sweep goes on  # noqa: BLE001
                     row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 rows.append(row)

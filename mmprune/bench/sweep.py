@@ -233,12 +233,17 @@ def flag_noisy_timings(rows: list[dict]) -> None:
     for row in rows:
         if row["status"] != "ok" or "flops_speedup" not in row:
             continue
-        reasons = [reference] if reference else []
-        for kind, measured, predicted in (("prefill", row["prefill_speedup"], row["flops_speedup"]),
-                                          ("end-to-end", row["e2e_speedup"], row["flops_e2e_speedup"])):
-            if measured > PLAUSIBLE_OVER_PREDICTION * predicted:
-                reasons.append(f"{kind} {measured:.1f}x where FLOPs predict {predicted:.1f}x")
-        row["timing_noisy"] = "; ".join(reasons) or None
+        reasons = [reference] + [implausible("prefill", row["prefill_speedup"], row["flops_speedup"]),
+                                 implausible("end-to-end", row["e2e_speedup"], row["flops_e2e_speedup"])]
+        row["timing_noisy"] = "; ".join(r for r in reasons if r) or None
+
+
+def implausible(kind: str, measured: float, predicted: float) -> str | None:
+    """Why a measured speedup cannot come from the pruning (more than PLAUSIBLE_OVER_PREDICTION times what FLOPs
+    predict), or None."""
+    if measured > PLAUSIBLE_OVER_PREDICTION * predicted:
+        return f"{kind} {measured:.1f}x where FLOPs predict {predicted:.1f}x"
+    return None
 
 
 def _mean(values) -> float:

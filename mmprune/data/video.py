@@ -20,6 +20,11 @@ import torch
 from PIL import Image
 
 
+def check_fps(fps: float) -> None:
+    if not fps > 0:
+        raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
+
+
 def as_frames(frames: Sequence | np.ndarray) -> list[Image.Image]:
     """RGB PIL frames from PIL images or a ``(T, H, W, 3)`` uint8 array."""
     if isinstance(frames, np.ndarray):
@@ -42,8 +47,7 @@ def qwen_video_inputs(frames, image_processor, fps: float = 2.0) -> dict:
     rounded to the nearest multiple of ``patch_size * merge_size`` (at least one), without Qwen's pixel-count
     bounds: sample and size the frames as the model expects before calling this.
     """
-    if not fps > 0:
-        raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
+    check_fps(fps)
     frames = as_frames(frames)
     patch, temporal, merge = (int(image_processor.patch_size), int(image_processor.temporal_patch_size),
                               int(image_processor.merge_size))
@@ -81,8 +85,7 @@ def read_frames(path, fps: float = 2.0, max_frames: int | None = None) -> list[I
     from pathlib import Path
 
     path = Path(path)
-    if not fps > 0:
-        raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
+    check_fps(fps)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from mmprune import upstream
-from mmprune.engine.sequence import ItemSpan, as_rows, compact_prefill
+from mmprune.engine.sequence import ItemSpan, as_rows, compact_prefill, last_real
 from mmprune.media import Selection
 
 
@@ -35,7 +35,7 @@ class ItemTrack:
     modality: str
     positions: torch.Tensor  # (n,) current sequence indices, ascending
     original: torch.Tensor  # (n,) index of each surviving token among the image's tokens before any pruning
-    segments: list = field(default_factory=list)  # the image's 2-D layout (mmprune.media.Segment), original indices
+    segments: list = field(default_factory=list)  # the item's grids (mmprune.media.Segment), original indices
 
     @property
     def count(self) -> int:
@@ -121,8 +121,7 @@ class StageContext:
 
     def last_token(self) -> torch.Tensor:
         """``(B,)`` index of each sample's last real token (the last instruction token at prefill)."""
-        positions = torch.arange(self.mask.shape[1], device=self.mask.device)
-        return torch.where(self.mask, positions, -1).amax(dim=1)
+        return last_real(self.mask)
 
     def visual(self) -> torch.Tensor:
         """``(B, L)`` bool: current visual tokens."""

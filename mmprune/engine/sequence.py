@@ -166,12 +166,17 @@ def compact_prefill(
     return gathered, out_mask, out_positions, layout
 
 
+def last_real(real: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of each row's last real (non-padding) token of a ``(B, L)`` bool mask; -1 for an empty row."""
+    columns = torch.arange(real.shape[1], device=real.device)
+    return torch.where(real, columns, -1).amax(dim=1)
+
+
 def after_last(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """``(R, B)``: each row's position id at its last real token, + 1: where ``generate`` continues decoding
     (``position_ids[..., -1:] + 1``). Not the row maximum: after a Qwen2.5-VL video, temporal ids can exceed the
     trailing text's."""
-    columns = torch.arange(real.shape[1], device=real.device)
-    last = torch.where(real, columns, -1).amax(dim=1).clamp(min=0)  # (B,)
+    last = last_real(real).clamp(min=0)  # (B,)
     return rows.gather(2, last.view(1, -1, 1).expand(rows.shape[0], -1, 1)).squeeze(2) + 1
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.engine.layers import ItemTrack, LayerRunner, PrefillRecord, StageLayout
+from mmprune.engine.layers import ItemTrack, LayerRunner, StageLayout
 from mmprune.engine.sequence import ItemSpan, Layout, compact_prefill, decode_inputs
 from mmprune.media import MODALITIES, MediaItem, Selection
 
@@ -230,14 +230,12 @@ class PruningSession:
     def _on_multimodal_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._inner_signature.bind_partial(*args, **kwargs).arguments
         arguments = {**bound.pop("kwargs", {}), **bound}
-        self._refuse_unpruned(upstream.modalities_in(arguments))
+        carried = upstream.modalities_in(arguments)
+        self._refuse_unpruned(carried)
         self._input_ids = arguments.get("input_ids")
         # Media reach the forward either as pixels (encoded inside it, through the wrappers) or pre-encoded by
         # generate() (the wrappers ran just before). A modality the forward does not carry is none of ours.
-        for modality in list(self._items):
-            if not any(arguments.get(name) is not None for name in upstream.MODALITY_ARGUMENTS[modality]) and \
-                    upstream.pre_encoded(arguments, modality) is None:
-                del self._items[modality]
+        self._items = {modality: items for modality, items in self._items.items() if modality in carried}
         self._arguments = arguments
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -426,8 +424,7 @@ class PruningSession:
             entry["stages"] = [{"layer": layer, "kept": kept[index]} for layer, kept in zip(record.layers,
                                                                                           record.kept)]
             if item.modality == "video":
-                entry["kept_per_frame"] = per_frame(entry["stages"][-1]["kept"] if entry["stages"] else entry["kept"],
-                                                    item.frames)
+                entry["kept_per_frame"] = per_frame(kept_at_last_layer(entry), item.frames)
             current = entry["after"]
             for layer in range(layers):
                 for stage, stage_layer in enumerate(record.layers):
@@ -464,8 +461,12 @@ def per_frame(kept: list[int], frames: list) -> list[int]:
     return [sum(1 for k in kept if f.start <= k < f.start + f.size) for f in frames]
 
 
+def kept_at_last_layer(entry: dict) -> list[int]:
+    """One item's stats entry: the original token indices that reach the last decoder layer."""
+    return entry["stages"][-1]["kept"] if entry.get("stages") else entry["kept"]
+
+
 def final_kept(stats: dict, modality: str = "image") -> list[list[list[int]]]:
     """Per sample, per item of ``modality`` (images by default): original token indices that reach the last
     decoder layer (after every stage)."""
-    return [[item["stages"][-1]["kept"] if item.get("stages") else item["kept"]
-             for item in sample.get(LISTS[modality], [])] for sample in stats["samples"]]
+    return [[kept_at_last_layer(item) for item in sample.get(LISTS[modality], [])] for sample in stats["samples"]]
