@@ -105,6 +105,17 @@ class MediaItem:
         """A video's temporal grids in order (empty for an image)."""
         return [s for s in self.segments if s.frame is not None]
 
+    def frame_indices(self) -> torch.Tensor:
+        """``(T, N)`` token indices of a video's temporal grids (frame ``t``'s patches in raster order)."""
+        return torch.stack([s.patch_indices().reshape(-1) for s in self.frames]).to(self.embeds.device)
+
+    def other_indices(self) -> torch.Tensor:
+        """Indices of the tokens outside every temporal grid (LLaVA-OneVision's trailing newline of a video)."""
+        inside = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.embeds.device)
+        for segment in self.frames:
+            inside[segment.patch_indices().reshape(-1).to(inside.device)] = True
+        return torch.nonzero(~inside).reshape(-1)
+
     @property
     def grid(self) -> tuple[int, int] | None:
         """``(rows, cols)`` when the image is one plain grid (LLaVA-1.5, Qwen2-VL), else ``None``."""

@@ -341,6 +341,39 @@ def llava_next_pack(inner: nn.Module, features: list[torch.Tensor], image_sizes:
     return packed
 
 
+def onevision_crops(config: Any, image_sizes: Any, batch_num_images: Any) -> list[int]:
+    """Crops (base image included) LLaVA-OneVision encodes per image: anyres crops for a sample's only image, the
+    base image alone when the sample has several (``batch_num_images``), as its ``get_image_features`` decides."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    patched = ([True] * len(image_sizes) if batch_num_images is None
+               else [int(n) == 1 for n in batch_num_images for _ in range(int(n))])
+    return [int(image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=config.vision_config.image_size)) if patch else 1
+            for size, patch in zip(image_sizes, patched)]
+
+
+def onevision_pack(inner: nn.Module, features: list[torch.Tensor], image_sizes: Any,
+                   image_newline: torch.Tensor, aspect_ratio: str) -> list[torch.Tensor]:
+    """LLaVA-OneVision's own ``pack_image_features``: crops -> one sequence per image (unpadded, bilinearly shrunk
+    to the ``anyres_max_N`` area, newline tokens)."""
+    packed, _ = inner.pack_image_features(features, image_sizes, image_newline=image_newline,
+                                          vision_aspect_ratio=aspect_ratio)
+    return packed
+
+
+def onevision_videos(inner: nn.Module, output: Any, frames: int, per_frame: int) -> list[torch.Tensor]:
+    """Per video, LLaVA-OneVision's LLM tokens: ``frames`` pooled frames of ``per_frame`` tokens and the trailing
+    newline. ``get_video_features`` appends the newline itself in recent releases; before (5.14) the forward
+    appended it after the call, so it is appended here to describe the tokens the prompt actually holds."""
+    videos = []
+    for features in image_features(output):
+        if features.shape[0] == frames * per_frame:
+            features = torch.cat([features, inner.image_newline[None].to(features)])
+        videos.append(features)
+    return videos
+
+
 # ---------------------------------------------------------------------------------------------- the contract
 @dataclass(frozen=True)
 class Assumption:
@@ -429,6 +462,20 @@ def _check_llava_next(adapter: Any) -> None:
              f"its parameters are {', '.join(params)}")
 
 
+def _check_onevision(adapter: Any) -> None:
+    from transformers.models.llava_onevision import modeling_llava_onevision
+
+    _require(hasattr(modeling_llava_onevision, "image_size_to_num_patches"),
+             "modeling_llava_onevision.image_size_to_num_patches exists", "it is gone")
+    params = _parameters(adapter.inner.pack_image_features)
+    _require("image_newline" in params and "vision_aspect_ratio" in params,
+             "pack_image_features(features, image_sizes, image_newline, vision_aspect_ratio)",
+             f"its parameters are {', '.join(params)}")
+    _require(callable(getattr(adapter.inner, "apply_pooling", None)) and hasattr(adapter.inner, "image_newline"),
+             "LLaVA-OneVision pools video frames in apply_pooling and ends a video with image_newline",
+             f"{type(adapter.inner).__name__} lacks apply_pooling or image_newline")
+
+
 def _check_video_pooler(adapter: Any) -> None:
     _require(hasattr(adapter.inner, "vision_resampler") and hasattr(adapter.config, "spatial_pool_stride"),
              "LLaVA-NeXT-Video pools frames with spatial_pool_stride in vision_resampler",
@@ -462,11 +509,14 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("multimodal model: get_image_features, input_ids/pixel_values forward, .language_model",
                _check_image_features),
     Assumption("DynamicCache(config=...) with per-layer lengths", _check_dynamic_cache),
-    Assumption("CLIP attention fields", _check_clip, families=("llava", "llava-next", "llava-next-video")),
+    Assumption("CLIP/SigLIP attention fields", _check_clip,
+               families=("llava", "llava-next", "llava-next-video", "llava-onevision")),
     Assumption("LLaVA-NeXT crop count and packing helpers", _check_llava_next,
                families=("llava-next", "llava-next-video")),
     Assumption("LLaVA-NeXT-Video pools frames with spatial_pool_stride in vision_resampler", _check_video_pooler,
                families=("llava-next-video",)),
+    Assumption("LLaVA-OneVision crop count, packing, video pooling and newline", _check_onevision,
+               families=("llava-onevision",)),
     Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision, families=("qwen2-vl",)),
 ]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_model
 
+import tiny
+
 from mmprune.bench.flops import Geometry, decode_flops, llm_prefill_flops, prefill_flops
 
 # tiny LLaVA: LLM d=32, m=64 (SwiGLU), 4 layers, 4 heads, 2 KV heads of 8 (d_kv = 16), vocab 96;
@@ -71,3 +73,24 @@ def test_a_video_tower_is_counted_per_temporal_grid_by_hand():
     projector = 2 * 32 * 128 * 128 + 2 * 32 * 128 * 32
     out = prefill_flops(g, 9, [32] * 4, crops=2, visual_before=32, tokens_per_crop=64)
     assert out["vision"] == 2 * per_grid + projector == 2 * (393216 + 2 * 1835008) + 1310720
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_a_llava_video_is_counted_per_frame_with_its_pooling_by_hand(family):
+    """8 frames of 32 px, 4x4 patches of 8 px (patch dim 3*8*8 = 192), vision width 32, plain MLP 64. LLaVA-NeXT-Video
+    (CLIP, 3 layers, [CLS]): 17 tokens per frame; pooled to 2x2 before the projector (32->32->32), which maps
+    8 x 4 = 32 tokens. LLaVA-OneVision (SigLIP, 2 layers, no [CLS]): 16 tokens per frame; the projector maps all
+    8 x 16 = 128 patches, then each frame is pooled to 2x2 and a newline closes the video (33 LLM tokens)."""
+    g = Geometry.from_config(tiny_model(family).config)
+    cls, layers, projected = (1, 3, 32) if family == "llava_next_video" else (0, 2, 128)
+    assert (g.vision_tokens, g.vision_cls, g.vision_layers, g.patch_dim) == (16 + cls, cls, layers, 192)
+
+    def layer(n):  # Q, K, V, O 2*n*32*32 each; QK^T and AV 2*n*n*32 each; MLP 2 x 2*n*32*64
+        return 2 * n * 32 * 32 * 4 + 2 * n * n * 32 * 2 + 2 * n * 32 * 64 * 2
+
+    per_frame = 2 * 16 * 192 * 32 + layers * layer(16 + cls)
+    projector = 2 * projected * 32 * 32 * 2
+    visual = tiny.tokens_per_video(family, 0)
+    out = prefill_flops(g, 5, [visual] * 4, crops=8, visual_before=visual,
+                        projected=projected if family == "llava_onevision" else None)
+    assert out["vision"] == 8 * per_frame + projector

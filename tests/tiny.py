@@ -14,6 +14,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -59,6 +63,19 @@ def llava_next_video(seed: int = 0) -> LlavaNextVideoForConditionalGeneration:
     return LlavaNextVideoForConditionalGeneration(cfg).eval()
 
 
+def llava_onevision(seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    """SigLIP 32/8 (4x4 patches per crop, no [CLS]), Qwen2 decoder. ``anyres_max_1`` makes the 64x64 image's 8x8
+    high-res grid shrink to 4x4 (and the 32x64 image's 4x8 to 2x5), so the bilinear path of the packing runs."""
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**_text()), image_token_id=IMAGE_TOKEN,
+                               video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+                               image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
 def qwen2_vl(seed: int = 0, v25: bool = False):
     torch.manual_seed(seed)
     vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
@@ -86,6 +103,12 @@ def image_pixels(family: str, image_id: int) -> dict:
     if family in ("llava_next", "llava_next_video"):
         # (H, W) = (64, 64): base + 4 crops = 5 crops; 16 base tokens + 8 rows x (8 + newline) = 88 tokens
         return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
+    if family == "llava_onevision":
+        # even ids 64x64: base + 4 crops, 8x8 grid shrunk to 4x4 -> 16 + 4 x (4 + 1) = 36 tokens;
+        # odd ids 32x64: base + 2 crops, 4x8 grid shrunk to 2x5 -> 16 + 2 x (5 + 1) = 28 tokens
+        if image_id % 2 == 0:
+            return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
+        return {"pixel_values": torch.randn(1, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[32, 64]])}
     # Qwen: 8x8 patches of 4 px -> 4x4 = 16 merged tokens; alternate a 8x12 image to vary the count
     h, w = (8, 8) if image_id % 2 == 0 else (8, 12)
     return {"pixel_values": torch.randn(h * w, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": torch.tensor([[1, h, w]])}
@@ -95,9 +118,9 @@ def video_pixels(family: str, video_id: int) -> dict:
     """Deterministic pixels of video ``video_id``. Qwen families: 2 temporal grids of 8x8 (even ids) or 8x12
     patches of 4 px (2 frames each), so 2 x 4 x 4 = 32 or 2 x 4 x 6 = 48 merged tokens. LLaVA-NeXT-Video: 8 frames
     of 32 px (its batches stack videos, so every video has the same frame count), each 4x4 patches pooled to 2x2:
-    32 tokens."""
+    32 tokens. LLaVA-OneVision: the same frames, pooled to 2x2 after the projector, and one newline: 33 tokens."""
     g = torch.Generator().manual_seed(2000 + video_id)
-    if family == "llava_next_video":
+    if family in ("llava_next_video", "llava_onevision"):
         return {"pixel_values_videos": torch.randn(1, 8, 3, 32, 32, generator=g)}
     h, w = (8, 8) if video_id % 2 == 0 else (8, 12)
     out = {"pixel_values_videos": torch.randn(2 * h * w, 3 * 2 * 4 * 4, generator=g),
@@ -108,6 +131,8 @@ def video_pixels(family: str, video_id: int) -> dict:
 
 
 def tokens_per_video(family: str, video_id: int) -> int:
+    if family == "llava_onevision":
+        return 33
     return 32 if video_id % 2 == 0 or family == "llava_next_video" else 48
 
 
@@ -116,6 +141,8 @@ def tokens_per_image(family: str, image_id: int) -> int:
         return 16
     if family in ("llava_next", "llava_next_video"):
         return 88
+    if family == "llava_onevision":
+        return 36 if image_id % 2 == 0 else 28
     return 16 if image_id % 2 == 0 else 24
 
 
@@ -149,16 +176,26 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
     out = {"input_ids": input_ids, "attention_mask": mask}
     for parts in (pixels, videos):
         for key in (parts[0] if parts else ()):
-            out[key] = torch.cat([p[key] for p in parts])
+            out[key] = torch.cat(_pad_crops([p[key] for p in parts]))
     if qwen:
         out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return out
+
+
+def _pad_crops(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Images with different crop counts stacked as the processors do: (1, crops, 3, H, W) zero-padded to the most
+    crops (the model reads only each image's own)."""
+    if tensors[0].dim() != 5:
+        return tensors
+    most = max(t.shape[1] for t in tensors)
+    return [torch.cat([t, t.new_zeros(1, most - t.shape[1], *t.shape[2:])], dim=1) for t in tensors]
 
 
 BUILDERS = {
     "llava": llava,
     "llava_next": llava_next,
     "llava_next_video": llava_next_video,
+    "llava_onevision": llava_onevision,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
 }

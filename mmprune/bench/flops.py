@@ -36,6 +36,7 @@ class Geometry:
     vision_intermediate: int = 0
     vision_layers: int = 0  # layers that run (up to the feature layer's output, as the model computes them all)
     vision_tokens: int = 0  # tokens per crop inside the tower (CLS included)
+    vision_cls: int = 0  # 1 for CLIP's [CLS] (a token of the tower that is no patch); 0 for SigLIP and Qwen
     patch_dim: int = 0  # 3 * patch^2 (* temporal patch for Qwen)
     projector: tuple[tuple[int, int], ...] = ()  # (in, out) of each projector matmul, per visual token
     vision_ffn_matrices: int = 2  # plain MLP (CLIP, Qwen2-VL); 3 for Qwen2.5-VL's gated MLP
@@ -49,10 +50,11 @@ class Geometry:
                       layers=text.num_hidden_layers, heads=text.num_attention_heads,
                       kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
                       head_dim=head_dim, vocab=text.vocab_size)
-        if hasattr(vision, "image_size") and hasattr(vision, "num_hidden_layers"):  # CLIP (LLaVA, LLaVA-NeXT)
+        if hasattr(vision, "image_size") and hasattr(vision, "num_hidden_layers"):  # CLIP / SigLIP (LLaVA family)
             patches = (vision.image_size // vision.patch_size) ** 2
+            with_cls = int("siglip" not in vision.model_type)  # SigLIP (LLaVA-OneVision) has no [CLS]
             return cls(**common, vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
-                       vision_layers=vision.num_hidden_layers, vision_tokens=patches + 1,
+                       vision_layers=vision.num_hidden_layers, vision_tokens=patches + with_cls, vision_cls=with_cls,
                        patch_dim=3 * vision.patch_size**2,
                        projector=((vision.hidden_size, text.hidden_size), (text.hidden_size, text.hidden_size)))
         # Qwen2-VL / Qwen2.5-VL: tokens per image vary; vision_tokens is set per call (see prefill_flops)
@@ -79,9 +81,9 @@ def layer_flops(n: int, context: int, hidden: int, kv_dim: int, intermediate: in
 
 def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, visual_tokens: int = 0) -> int:
     """The vision tower over ``crops`` crops of ``tokens_per_crop`` tokens, and the projector over
-    ``visual_tokens`` output tokens (pre-LLM pruning does not change it: the encoder runs on every patch)."""
+    ``visual_tokens`` tokens (pre-LLM pruning does not change it: the encoder runs on every patch)."""
     n = tokens_per_crop if tokens_per_crop is not None else g.vision_tokens
-    patches = n - 1 if g.vision_tokens else n
+    patches = n - g.vision_cls
     per_crop = 2 * patches * g.patch_dim * g.vision_hidden + g.vision_layers * layer_flops(
         n, n, g.vision_hidden, g.vision_hidden, g.vision_intermediate, g.vision_ffn_matrices)
     projector = sum(2 * visual_tokens * a * b for a, b in g.projector)
@@ -111,9 +113,11 @@ def decode_flops(g: Geometry, cache_per_layer: list[int], steps: int) -> int:
 
 
 def prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], crops: int,
-                  visual_before: int, tokens_per_crop: int | None = None) -> dict[str, int]:
-    """FLOPs of one sample's prefill, split: ``vision`` (tower + projector over the ``visual_before`` tokens it
-    produces), ``llm`` and ``total``."""
-    vision = vision_flops(g, crops, tokens_per_crop, visual_before)
+                  visual_before: int, tokens_per_crop: int | None = None,
+                  projected: int | None = None) -> dict[str, int]:
+    """FLOPs of one sample's prefill, split: ``vision`` (tower + projector), ``llm`` and ``total``. The projector
+    maps the ``visual_before`` tokens the LLM would receive, or ``projected`` tokens where pooling follows it
+    (LLaVA-OneVision's videos: every frame patch is projected, then the frame is pooled)."""
+    vision = vision_flops(g, crops, tokens_per_crop, visual_before if projected is None else projected)
     llm = llm_prefill_flops(g, text_tokens, visual_per_layer)
     return {"vision": vision, "llm": llm, "total": vision + llm}

@@ -35,7 +35,8 @@ class DyCokePruner(VideoPruner):
     tokens stay in raster order (the code concatenates them from least to most similar) and ties go to the earlier
     token (the code's ``topk`` leaves them unspecified); (c) with an odd frame count the last frame is kept whole
     (the code's pairing loop drops it from the sequence); (d) a "frame" is a temporal grid on Qwen2-VL (two video
-    frames, merged by the tower); (e) the dynamic KV pruning during decoding (DyCoke's second stage) is not
+    frames, merged by the tower); LLaVA-OneVision's trailing newline is kept, as the reference (TTM runs on the
+    pooled frames before the newline is appended); (e) the dynamic KV pruning during decoding (DyCoke's second stage) is not
     implemented.
     """
 
@@ -46,15 +47,16 @@ class DyCokePruner(VideoPruner):
     keep_means: ClassVar[str] = "share (or count) of tokens kept in each pruned frame (1 - merging ratio)"
 
     def prune_video(self, tokens: MediaItem) -> Selection:
-        frames = len(tokens.frames)
-        per_frame = tokens.frames[0].size
+        grids, others = tokens.frame_indices(), tokens.other_indices()
+        frames, per_frame = grids.shape
         count = self.keep if isinstance(self.keep, int) else int(self.keep * per_frame)
         if count > per_frame:
             raise ValueError(f"dycoke: keep={self.keep} asks for more tokens than a frame has ({per_frame}): "
                              f"expected an int in [0, {per_frame}] or a float in (0, 1]")
         if count == per_frame:
             return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)
-        return Selection.of(merged_frames(tokens.embeds, frames, count))
+        flat = grids.reshape(-1)
+        return Selection.of(torch.cat([flat[merged_frames(tokens.embeds[flat], frames, count)], others]))
 
 
 def pruned_frames(frames: int) -> dict[int, int]:

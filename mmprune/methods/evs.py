@@ -29,6 +29,8 @@ class EVSPruner(VideoPruner):
       3. ``count = max(H'W', int(T H'W' keep))``: ``keep = 1 - video_pruning_rate``, floored as vLLM does (an int
          ``keep`` is a token count). vLLM never keeps less than one grid; neither does mmprune: a budget below
          one grid is raised to one grid, and the video's entry in ``stats`` says so (``note``).
+    Tokens outside the grids (LLaVA-OneVision's trailing newline) are always kept and count in the budget (vLLM
+    applies EVS to Qwen videos only, which have none).
 
     Images are left whole (EVS prunes videos only). Deliberate differences: the paper describes an RGB-space rule
     (L1 difference of pixel patches against a percentile threshold); vLLM's code, followed here, uses embedding
@@ -45,20 +47,23 @@ class EVSPruner(VideoPruner):
     keep_means: ClassVar[str] = "video tokens kept per video (images are not pruned)"
 
     def prune_video(self, tokens: MediaItem) -> Selection:
-        frame = tokens.frames[0].size
+        grids, others = tokens.frame_indices(), tokens.other_indices()
+        floor = grids.shape[1] + others.numel()  # the first grid, and the tokens outside the grids
         n = tokens.num_tokens
         count = self.keep if isinstance(self.keep, int) else int(n * self.keep)
         note = None
-        if count < frame:
-            note = (f"keep={self.keep!r} asks for {count} of {n} tokens, less than one grid ({frame}); EVS keeps "
-                    f"the first grid whole, so {frame} are kept")
-            count = frame
+        if count < floor:
+            note = (f"keep={self.keep!r} asks for {count} of {n} tokens, less than one grid ({floor}); EVS keeps "
+                    f"the first grid whole, so {floor} are kept")
+            count = floor
         if count > n:
             raise ValueError(f"keep={self.keep} asks for more tokens than the video has ({n}): expected an int in "
                              f"[1, {n}] or a float in (0, 1]")
         if count == n:
             return Selection.identity(n, device=tokens.embeds.device)
-        selection = Selection.of(retained(tokens.embeds, len(tokens.frames), count))
+        flat = grids.reshape(-1)
+        picked = retained(tokens.embeds[flat], grids.shape[0], count - others.numel())
+        selection = Selection.of(torch.cat([flat[picked], others]))
         selection.note = note
         return selection
 

@@ -8,9 +8,11 @@ from mmprune.models.base import ModelAdapter
 from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import LlavaNextAdapter
 from mmprune.models.llava_next_video import LlavaNextVideoAdapter
+from mmprune.models.llava_onevision import LlavaOnevisionAdapter
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, Qwen2VLAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
+                                     Qwen2VLAdapter]
 
 
 def supported_families() -> list[str]:

@@ -56,6 +56,22 @@ class ClipTower:
             probs = logits.softmax(dim=-1)
         return probs, k.float().mean(dim=1)
 
+    def received_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, heads, L) mean attention each token receives from every query of its crop, and (crops, L, d_h)
+        head-mean keys: the substitute for [CLS] attention on towers without one (SigLIP), as for Qwen2-VL."""
+        hidden, _ = store["clip_attn_in"]
+        attn = upstream.clip_attention(self.layer)
+        heads, head_dim = attn.num_heads, attn.head_dim
+        crops, length, _ = hidden.shape
+        received = torch.zeros(crops, heads, length, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            k = attn.k_proj(hidden).view(crops, length, heads, head_dim).transpose(1, 2).float()
+            for crop in range(crops):  # one crop at a time bounds the (heads, L, L) buffer
+                q = attn.q_proj(hidden[crop]).view(length, heads, head_dim).transpose(0, 1).float()
+                probs = (q @ k[crop].transpose(-1, -2) * attn.scale).softmax(dim=-1)
+                received[crop] = probs.mean(dim=1)
+        return received, k.mean(dim=1)
+
 
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5. The visual tokens of an image are its grid of patches (plus [CLS] under ``full`` selection)."""

@@ -11,6 +11,19 @@ from mmprune.media import Segment, MediaItem
 from mmprune.models.llava import LlavaAdapter
 
 
+def packed_segments(valid: torch.Tensor, side: int) -> list[Segment]:
+    """The segments of a LLaVA-NeXT/OneVision packed image, from its ``valid`` mask (False on newline tokens):
+    the base grid, then either one newline (the image was encoded as its base crop alone) or the high-res grid
+    whose rows each end with a newline."""
+    base = side * side
+    n = valid.numel()
+    if n == base + 1:
+        return [Segment(0, side, side), Segment(base, 1, 0, newline=True)]
+    rows = int((~valid[base:]).sum())
+    cols = (n - base) // rows - 1
+    return [Segment(0, side, side), Segment(base, rows, cols, newline=True)]
+
+
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT. An image's visual tokens are, in order, the base image's grid (when the image has high-res
     crops) and the unpadded high-res grid whose rows each end with an image-newline token, exactly as the model's
@@ -42,20 +55,11 @@ class LlavaNextAdapter(LlavaAdapter):
         images = []
         for i, (embeds, index) in enumerate(zip(upstream.image_features(output), packed)):
             source = index[:, 0].round().long() - 1  # -1 = newline
-            segments = self._segments(source, crops[i])
+            segments = packed_segments(source >= 0, self.side)
             images.append(MediaItem(embeds, segments, family=self.family,
                                        lazy=self._packed_lazy(store, source.to(embeds.device), per_crop),
                                        project=self.project))
         return images
-
-    def _segments(self, source: torch.Tensor, crops: int) -> list[Segment]:
-        n = source.numel()
-        if crops == 1:  # base image only, followed by one newline token
-            return [Segment(0, self.side, self.side), Segment(self.side * self.side, 1, 0, newline=True)]
-        base = self.side * self.side
-        rows = int((source[base:] < 0).sum())
-        cols = (n - base) // rows - 1
-        return [Segment(0, self.side, self.side), Segment(base, rows, cols, newline=True)]
 
     def _packed_lazy(self, store: dict, source: torch.Tensor, per_crop: int) -> dict:
         if self.clip is None:
