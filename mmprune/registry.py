@@ -13,6 +13,7 @@ from mmprune.methods import (
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
+    FrameFusionPruner,
     NonePruner,
     PoolPruner,
     PyramidDropPruner,
@@ -44,6 +45,7 @@ METHODS: dict[str, type[Pruner]] = {
         SparseVLMPruner,
         EVSPruner,
         DyCokePruner,
+        FrameFusionPruner,
     )
 }
 

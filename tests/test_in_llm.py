@@ -15,14 +15,14 @@ from typing import ClassVar
 import pytest
 import tiny
 import torch
-from conftest import keep_for, tiny_model
+from conftest import keep_for, pruning, tiny_model
 
 import mmprune
 from mmprune.engine.layers import StageContext
 from mmprune.media import Segment, Selection
 from mmprune.methods.base import HybridPruner
 
-IN_LLM = [m for m in mmprune.available() if "in-llm" in mmprune.METHODS[m].stage]
+IN_LLM = [m for m in pruning("image") if "in-llm" in mmprune.METHODS[m].stage]  # that prune images
 ONE_IMAGE = [[3, ("img", 0), 4]]
 MIXED = [[3, ("img", 0), 4], [6, ("img", 1), 2, ("img", 2), 1], [1, ("img", 3), 9]]
 STEPS = 4

@@ -1,4 +1,4 @@
-"""Videos on Qwen2-VL / Qwen2.5-VL and LLaVA-NeXT-Video: items, placement, decode positions, stats, EVS, DyCoke
+"""Videos on Qwen2-VL / Qwen2.5-VL, LLaVA-NeXT-Video and LLaVA-OneVision: items, placement, decode positions, stats, EVS, DyCoke
 and the video baselines."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from mmprune import upstream
 from mmprune.engine.session import final_kept
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
-FAMILIES = QWEN + ["llava_next_video"]
+FAMILIES = QWEN + ["llava_next_video", "llava_onevision"]
 VIDEO_METHODS = pruning("video")
 GEN = dict(max_new_tokens=3, do_sample=False)
 VIDEO = [[3, ("vid", 0), 4]]
@@ -114,7 +114,7 @@ def test_decoding_continues_after_the_last_prompt_token(family, method):
         assert torch.equal(pruned[step][-3:].reshape(3, -1), unpruned[step][-3:].reshape(3, -1)), step
 
 
-@pytest.mark.parametrize("method", ["evs", "dycoke", "uniform", "pool", "divprune", "fastv", "dart"])
+@pytest.mark.parametrize("method", ["evs", "dycoke", "framefusion", "uniform", "pool", "divprune", "fastv", "dart"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_holds_text_plus_every_items_tokens(family, method):
     model = tiny_model(family)
@@ -182,8 +182,11 @@ def test_evs_keeps_the_most_changed_tokens_and_the_first_grid(family, keep):
     stats = [pruner.stats["samples"][0]["videos"][0], pruner.stats["samples"][1]["videos"][0]]
     for embeds, kept, video in zip(captured["embeds"], [videos[0][0], videos[1][0]], stats):
         frames, frame = video["frames"][0], video["frames"][1] * video["frames"][2]
-        count = keep if isinstance(keep, int) else int(embeds.shape[0] * keep)
-        assert kept == evs_rule(embeds, frames, max(count, frame))
+        outside = list(range(frames * frame, video["before"]))  # LLaVA-OneVision's trailing newline: always kept
+        assert len(outside) == (family == "llava_onevision")
+        count = keep if isinstance(keep, int) else int(video["before"] * keep)
+        expected = evs_rule(embeds[:frames * frame], frames, max(count, frame + len(outside)) - len(outside))
+        assert kept == expected + outside
         assert set(range(frame)) <= set(kept)  # the first grid whole
     image = pruner.stats["samples"][1]["images"][0]
     assert image["after"] == image["before"] == tiny.tokens_per_image(family, 0)  # images untouched

@@ -119,6 +119,12 @@ class StageContext:
             raise RuntimeError(f"layer {layer}'s input was not recorded; declare it in the method's watch()")
         return self.runner.records[layer][0]
 
+    def forget_before(self, layer: int) -> None:
+        """Release the recorded inputs of the layers before ``layer`` (a method that watches many layers but reads
+        only the latest frees the rest as it goes)."""
+        for index in [index for index in self.runner.records if index < layer]:
+            del self.runner.records[index]
+
     def last_token(self) -> torch.Tensor:
         """``(B,)`` index of each sample's last real token (the last instruction token at prefill)."""
         return last_real(self.mask)

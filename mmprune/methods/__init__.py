@@ -17,6 +17,7 @@ from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
+from mmprune.methods.framefusion import FrameFusionPruner
 from mmprune.methods.none import NonePruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
@@ -36,6 +37,7 @@ __all__ = [
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",
+    "FrameFusionPruner",
     "HybridPruner",
     "InLLMPruner",
     "MultiStagePruner",
