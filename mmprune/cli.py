@@ -132,8 +132,9 @@ def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implement
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, device), **extra)
         try:
             processor = AutoProcessor.from_pretrained(source)
-        except (ImportError, AttributeError):
-            # Qwen's processors cannot be built without torchvision (their video slot); its parts can
+        except (ImportError, AttributeError, ValueError):
+            # processors with a video slot (Qwen, LLaVA-OneVision, ...) cannot be built without torchvision (an
+            # ImportError, AttributeError or ValueError depending on the class and release); their parts can
             processor = MediaParts(AutoTokenizer.from_pretrained(source), upstream.load_image_processor(source))
     except (OSError, ValueError, ImportError) as exc:
         raise CliError(f"--model {model_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
@@ -183,6 +184,32 @@ def qwen_inputs(model, processor, images: list, frames: list | None, prompt: str
     return {**inputs, **extra}
 
 
+LLAVA_VIDEO_FAMILIES = ("llava-onevision", "llava-next-video")
+VIDEO_CLI_FAMILIES = "Qwen2-VL/Qwen2.5-VL and LLaVA-OneVision/LLaVA-NeXT-Video models"
+
+
+def llava_video_prompt(model, processor, images: list, frames: list, prompt: str) -> dict:
+    """A video prompt for LLaVA-OneVision / LLaVA-NeXT-Video built from the tokenizer and the image processor's
+    normalisation (their video processors need torchvision): the ``<video>`` placeholder expanded to the model's
+    token count (``mmprune.data.video.llava_video_inputs``)."""
+    from mmprune.data.video import llava_video_inputs
+
+    if images:
+        raise CliError("--image with --video on LLaVA-OneVision/LLaVA-NeXT-Video: the CLI builds video-only prompts "
+                       "for these families (images next to a video work through the Python API)")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    video = llava_video_inputs(frames, model.config, processor.image_processor)
+    token = tokenizer.convert_ids_to_tokens(model.config.video_token_id)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    text = (tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                          tokenize=False) if template else f"USER: {token}\n{prompt} ASSISTANT:")
+    if token not in text:
+        raise CliError(f"--video: the chat template wrote no {token} placeholder for the video")
+    text = text.replace(token, token * video.pop("video_tokens"), 1)
+    return {**dict(tokenizer([text], return_tensors="pt")), **video}
+
+
 def parse_params(items: list[str] | None) -> dict:
     """``--param name=value`` pairs; values are Python literals (``[4, 8]``, ``0.5``, ``True``), else strings."""
     params = {}
@@ -214,10 +241,17 @@ def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens
 
     from mmprune.models import adapter_for
 
-    if frames or isinstance(processor, MediaParts):
-        if adapter_for(model).family != "qwen2-vl":
-            raise CliError(f"--video: the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL models; "
-                           f"{type(model).__name__} is not one (LLaVA-NeXT-Video videos work through the Python API)")
+    family = adapter_for(model).family
+    if frames and family in LLAVA_VIDEO_FAMILIES:
+        inputs = {k: v.to(model.device) for k, v in llava_video_prompt(model, processor, images, frames,
+                                                                      prompt).items()}
+    elif frames or isinstance(processor, MediaParts):
+        if frames and family != "qwen2-vl":
+            raise CliError(f"--video: the CLI builds video prompts for {VIDEO_CLI_FAMILIES}; "
+                           f"{type(model).__name__} is not one")
+        if family != "qwen2-vl":
+            raise CliError(f"--image: the processor of {type(model).__name__} could not be built (it needs "
+                           "torchvision); without it the CLI builds image prompts for Qwen2-VL/Qwen2.5-VL only")
         inputs = {k: v.to(model.device) for k, v in qwen_inputs(model, processor, images, frames, prompt,
                                                                fps).items()}
     else:
@@ -247,8 +281,9 @@ def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens
         # per image: output tokens that carry merged/pooled content; they count in visual_tokens_after and occupy a
         # slot listed in kept (their target's), so kept alone under-counts what a merging method passes on
         "merged": [image["merged"] for image in sample["images"]],
-        "videos": [{key: video.get(key) for key in ("before", "after", "frames", "frame_times", "kept_per_frame",
-                                                    "note")} for video in sample["videos"]],
+        "videos": [{**{key: video.get(key) for key in ("before", "after", "frames", "frame_times", "kept_per_frame",
+                                                       "merged", "note")}, "kept": kept}
+                   for video, kept in zip(sample["videos"], final_kept(stats, "video")[0])],
         "stats": stats,
     }
 
@@ -475,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speed", action="store_true",
                        help="time methods on a random-weight model of --geometry instead of answering questions")
     bench.add_argument("--geometry", default="small",
-                       help="with --speed: small or small-video (CPU), llava-1.5-7b, llava-next-7b or qwen2.5-vl-7b")
+                       help="with --speed: small or small-video (CPU), llava-1.5-7b, llava-next-7b, qwen2.5-vl-7b or "
+                            "qwen2.5-vl-7b-video")
     bench.add_argument("--batches", default="1,16", help="with --speed: comma-separated batch sizes")
     bench.set_defaults(func=cmd_bench)
     return parser

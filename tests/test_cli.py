@@ -189,6 +189,13 @@ def qwen_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory):
+    from mmprune.zoo.tiny_random import build_tiny_llava_onevision
+
+    return str(build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny") / "llava_onevision"))
+
+
+@pytest.fixture(scope="module")
 def frames_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("frames")
     for t in range(4):  # a white square moving right over 4 frames of 32 x 32
@@ -213,6 +220,15 @@ def test_run_prunes_a_video_from_a_folder_of_frames(qwen_dir, frames_dir, image_
     assert "video: 32 -> 24 tokens over 2 temporal grids (kept per grid [16, 8])" in capsys.readouterr().out
 
 
+def test_run_prunes_a_llava_onevision_video(onevision_dir, frames_dir, capsys):
+    """4 frames of 32 px, SigLIP patch 8: 4 x 4 patches pooled to 2 x 2 per frame, and the trailing newline."""
+    assert run("run", "--model", onevision_dir, "--method", "evs", "--keep", "0.5", "--video", frames_dir,
+               "--prompt", "what is the shape ?", "--max-new-tokens", "2", "--json") == 0
+    video = json.loads(capsys.readouterr().out)["videos"][0]
+    assert video["frames"] == [4, 2, 2] and video["before"] == 17 and video["after"] == 8
+    assert video["kept_per_frame"][0] == 4 and 16 in video["kept"]  # the first frame and the newline stay
+
+
 def test_run_decodes_a_video_file_with_pyav(qwen_dir, frames_dir, tmp_path, capsys):
     av = pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
@@ -234,11 +250,16 @@ def test_run_decodes_a_video_file_with_pyav(qwen_dir, frames_dir, tmp_path, caps
     (("--video", "/no/such/clip.mp4"), "--video: '/no/such/clip.mp4': no such video file or folder of frames"),
     (("--method", "fastervlm", "--video", "FRAMES"), "fastervlm does not prune video"),
     (("--video", "FRAMES", "--fps", "0"), "fps=0.0: expected a positive number"),
-    (("--model", "LLAVA", "--video", "FRAMES"), "the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL models"),
+    (("--model", "LLAVA", "--video", "FRAMES"), "the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL and "
+                                                "LLaVA-OneVision/LLaVA-NeXT-Video models"),
+    (("--model", "ONEVISION", "--video", "FRAMES", "--image", "IMAGE"), "the CLI builds video-only prompts"),
+    (("--model", "ONEVISION", "--image", "IMAGE"), "could not be built (it needs torchvision)"),
     ((), "give at least one --image or a --video"),
 ])
-def test_bad_video_options_exit_2_with_one_line(args, message, qwen_dir, frames_dir, model_dir, capsys):
-    args = tuple(frames_dir if a == "FRAMES" else model_dir if a == "LLAVA" else a for a in args)
+def test_bad_video_options_exit_2_with_one_line(args, message, qwen_dir, frames_dir, model_dir, onevision_dir,
+                                                image_file, capsys):
+    names = {"FRAMES": frames_dir, "LLAVA": model_dir, "ONEVISION": onevision_dir, "IMAGE": image_file}
+    args = tuple(names.get(a, a) for a in args)
     base = {"--model": qwen_dir, "--method": "evs"}
     for i in range(0, len(args) - 1):
         if args[i] in base:

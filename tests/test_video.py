@@ -353,3 +353,25 @@ def test_dycoke_on_a_model_keeps_the_first_grid_and_prunes_the_second(family):
     with pytest.raises(ValueError, match="more tokens than a frame has"):
         with mmprune.get("dycoke", keep=30).attach(model), torch.no_grad():
             model(**tiny.batch(family, VIDEO))
+
+
+@pytest.mark.parametrize("family, tokens", [("llava_next_video", 4 * 2 * 2), ("llava_onevision", 4 * 2 * 2 + 1)])
+def test_llava_frames_helper_builds_inputs_the_model_fills(family, tokens):
+    """4 frames of 30 x 40: NeXT-Video resizes the shortest edge to 32 and crops the centre (pooled 2x2 per frame);
+    OneVision resizes to 32 x 32 (pooled to 2x2 after the projector, plus the trailing newline)."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from mmprune.data.video import llava_video_inputs
+
+    frames = np.random.RandomState(0).randint(0, 255, (4, 30, 40, 3)).astype(np.uint8)
+    model = tiny_model(family)
+    video = llava_video_inputs(frames, model.config, SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    assert video["pixel_values_videos"].shape == (1, 4, 3, 32, 32) and video["video_tokens"] == tokens
+    assert float(video["pixel_values_videos"].abs().max()) <= 1.0  # rescaled to [0, 1], then (x - 0.5) / 0.5
+    count = video.pop("video_tokens")
+    ids = torch.tensor([[5, 6] + [tiny.VIDEO_TOKEN] * count + [7, 8]])
+    pruner = mmprune.get("evs", keep=0.5)
+    with pruner.attach(model), torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **video, max_new_tokens=2, do_sample=False)
+    assert pruner.stats["samples"][0]["videos"][0]["frames"] == [4, 2, 2]

@@ -1,12 +1,14 @@
 """``mmprune bench --speed --geometry G``: prefill and end-to-end speedup at real model sizes, random weights.
 
 The architecture is built from a config (no download): ``llava-1.5-7b`` (CLIP ViT-L/14-336 + LLaMA-7B, 576 visual
-tokens), ``llava-next-7b`` (the same CLIP + a Mistral-7B decoder; a 672x672 image is 5 crops, 2928 tokens with
-the newlines), ``qwen2.5-vl-7b`` (its 32-block windowed ViT + Qwen2-7B decoder with M-RoPE; an 896x896 image, 1024
-tokens), and ``small`` (CLIP ViT-B/16-384, 576 visual tokens + a 0.45B LLaMA-style decoder shaped like
-Qwen2-0.5B: d 896, 24 layers, 14 heads, 2 KV heads, FFN 4864) — the one to use on a CPU. bf16 on a GPU, fp32 on a
-CPU. Prompts are the image's tokens plus ``text`` text tokens; every method and budget is timed against the
-unpruned model (interleaved, median) next to the speedup the FLOPs model predicts.
+tokens), ``llava-next-7b`` (the same CLIP + a Mistral-7B decoder; a 672x672 image is 5 crops, 2928 tokens with the
+newlines), ``qwen2.5-vl-7b`` (its 32-block windowed ViT + Qwen2-7B decoder with M-RoPE; an 896x896 image, 1024
+tokens), ``qwen2.5-vl-7b-video`` (the same on a mostly static 32-frame 448 px video, 4096 tokens), ``small-video``
+(a 0.5B-class Qwen2.5-VL-style model on a 16-frame video, 512 tokens; CPU), and ``small`` (CLIP ViT-B/16-384, 576
+visual tokens + a 0.45B LLaMA-style decoder shaped like Qwen2-0.5B: d 896, 24 layers, 14 heads, 2 KV heads, FFN
+4864) — the one to use on a CPU. bf16 on a GPU, fp32 on a CPU. Prompts are the image's tokens plus ``text`` text
+tokens; every method and budget is timed against the unpruned model (interleaved, median) next to the speedup the
+FLOPs model predicts.
 """
 
 from __future__ import annotations
@@ -53,10 +55,21 @@ GEOMETRIES = {
                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                  "max_position_embeddings": 32768, "rope_theta": 1000000.0,
                  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+    # Qwen2.5-VL-7B on a video: 32 frames of 448 px = 16 temporal grids of 32 x 32 patches, 16 x 16 merged tokens
+    # each (4096 video tokens); a quarter of each grid's patches move (see mostly_static)
+    "qwen2.5-vl-7b-video": {
+        "family": "qwen2_5_vl", "video": {"frames": 32, "size": 448, "motion": 0.25},
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3, "tokens_per_second": 2},
+        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
     # a Qwen2.5-VL-style model on a video: 16 frames of 224 px = 8 temporal grids of 16 x 16 patches, 8 x 8 merged
     # tokens each (512 video tokens); a 0.5B-class decoder as in "small"; the CPU geometry for video methods
     "small-video": {
-        "family": "qwen2_5_vl", "video": {"frames": 16, "size": 224},
+        "family": "qwen2_5_vl", "video": {"frames": 16, "size": 224, "motion": 0.25},
         "vision": {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
                    "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
                    "fullatt_block_indexes": [3, 7, 11], "in_channels": 3, "tokens_per_second": 2},
@@ -123,8 +136,9 @@ def image_inputs(spec: dict, model, batch: int, generator) -> tuple[dict, int, i
     if "video" in spec:  # one video per prompt: the tower attends within each temporal grid (a "crop")
         side = spec["video"]["size"] // vision["patch_size"]
         grids = spec["video"]["frames"] // vision["temporal_patch_size"]
-        pixels = {"pixel_values_videos": torch.randn(batch * grids * side * side, patch_dim,
-                                                     generator=generator).to(device, dtype),
+        motion = spec["video"].get("motion", 1.0)  # 1.0: every patch of every grid fresh noise
+        pixels = {"pixel_values_videos": mostly_static(batch, grids, side * side, patch_dim, motion,
+                                                       generator).to(device, dtype),
                   "video_grid_thw": torch.tensor([[grids, side, side]] * batch, device=device),
                   "second_per_grid_ts": torch.tensor([1.0] * batch, device=device)}
         return pixels, grids * side * side // vision["spatial_merge_size"] ** 2, side * side
@@ -132,6 +146,21 @@ def image_inputs(spec: dict, model, batch: int, generator) -> tuple[dict, int, i
     pixels = {"pixel_values": torch.randn(batch * side * side, patch_dim, generator=generator).to(device, dtype),
               "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=device)}
     return pixels, side * side // vision["spatial_merge_size"] ** 2, side * side
+
+
+def mostly_static(videos: int, grids: int, patches: int, patch_dim: int, motion: float, generator) -> torch.Tensor:
+    """``(videos * grids * patches, patch_dim)`` patch rows of videos whose every temporal grid repeats the first
+    except a ``motion`` share of its patches (fresh noise): the redundancy temporal methods remove, so a
+    content-driven method (FrameFusion) reduces as it would on a real, mostly static clip."""
+    out = []
+    for _ in range(videos):
+        first = torch.randn(patches, patch_dim, generator=generator)
+        for _ in range(grids):
+            grid = first.clone()
+            moving = torch.randperm(patches, generator=generator)[:int(motion * patches)]
+            grid[moving] = torch.randn(moving.numel(), patch_dim, generator=generator)
+            out.append(grid)
+    return torch.cat(out)
 
 
 def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple[dict, int, int]:

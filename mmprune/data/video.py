@@ -1,4 +1,4 @@
-"""Video inputs for Qwen2-VL / Qwen2.5-VL built from frames, without torchvision.
+"""Video inputs built from frames, without torchvision: Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video.
 
 transformers' video processors need torchvision (and a processor with a video slot cannot even be constructed
 without it). :func:`qwen_video_inputs` does what ``Qwen2VLVideoProcessor`` does for frames already sampled:
@@ -9,11 +9,15 @@ order of transformers' own ``patchify``, checked against the PIL image processor
 
     inputs = qwen_video_inputs(frames, processor.image_processor, fps=2.0)
     text = f"<|vision_start|>{'<|video_pad|>' * inputs.pop('video_tokens')}<|vision_end|>What happens?"
+
+:func:`llava_video_inputs` does what the LLaVA-OneVision and LLaVA-NeXT-Video video processors do (resize, for
+NeXT-Video a centre crop, rescale, normalise) and counts the ``<video>`` placeholders the model fills.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +77,47 @@ def patchify(clip: torch.Tensor, patch: int, temporal: int, merge: int) -> dict:
     flat = x.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch)
     return {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
             "video_tokens": grid_t * grid_h * grid_w // (merge * merge)}
+
+
+def llava_video_inputs(frames, config: Any, image_processor: Any) -> dict:
+    """``pixel_values_videos`` ``(1, T, 3, S, S)`` and ``video_tokens`` (how many ``<video>`` placeholders the prompt
+    needs) for one video on LLaVA-OneVision or LLaVA-NeXT-Video (``config`` is the model's).
+
+    ``S`` is the vision tower's ``image_size``. LLaVA-OneVision's video processor resizes each frame to ``S x S``
+    (bicubic); its model pools each frame's ``side x side`` patches to ``ceil(side / 2)`` squared after the projector
+    and closes the video with one newline token. LLaVA-NeXT-Video's resizes the shortest edge to ``S`` and crops the
+    centre ``S x S``; its model pools by ``spatial_pool_stride`` before the projector, no newline. Frames are
+    rescaled to [0, 1] and normalised with ``image_processor``'s ``image_mean`` and ``image_std`` (the checkpoint's
+    values for its tower).
+    """
+    frames = as_frames(frames)
+    size = int(config.vision_config.image_size)
+    side = size // int(config.vision_config.patch_size)
+    if config.model_type == "llava_onevision":
+        frames = [f.resize((size, size), Image.BICUBIC) for f in frames]
+        tokens = len(frames) * math.ceil(side / 2) ** 2 + 1
+    elif config.model_type == "llava_next_video":
+        frames = [centre_crop(shortest_edge(f, size), size) for f in frames]
+        tokens = len(frames) * (side // int(config.spatial_pool_stride)) ** 2
+    else:
+        raise ValueError(f"llava_video_inputs: {config.model_type!r} is not llava_onevision or llava_next_video")
+    pixels = np.stack([np.asarray(f, dtype=np.float32) / 255.0 for f in frames])
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(image_processor.image_std, dtype=np.float32)
+    clip = torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy())
+    return {"pixel_values_videos": clip.unsqueeze(0), "video_tokens": tokens}
+
+
+def shortest_edge(frame: Image.Image, size: int) -> Image.Image:
+    width, height = frame.size
+    scale = size / min(width, height)
+    return frame.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+
+
+def centre_crop(frame: Image.Image, size: int) -> Image.Image:
+    width, height = frame.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return frame.crop((left, top, left + size, top + size))
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")

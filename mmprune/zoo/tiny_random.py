@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2VLConfig, Qwen2VLImageProcessorPil
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+from transformers import Qwen2VLForConditionalGeneration, SiglipImageProcessorPil, SiglipVisionConfig
 
 from mmprune.zoo.builder import llava_config, llava_processor, word_tokenizer
 
@@ -64,4 +65,29 @@ def build_tiny_qwen2_vl(path: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=64,
                              max_pixels=64 * 64).save_pretrained(path)
+    return path
+
+
+def build_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA-OneVision folder: SigLIP 32/8 tower, Qwen2 decoder, a word-level tokenizer with ``<image>``
+    and ``<video>``, and a PIL image processor (no processor file: its processor needs torchvision)."""
+    path = Path(path)
+    tokenizer = word_tokenizer(WORDS + ["<video>"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=1024,
+                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],
+                                  video_token_id=vocab["<video>"], vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
