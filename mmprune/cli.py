@@ -52,8 +52,9 @@ def method_details(name: str) -> list[str]:
     paper = next((line.removeprefix("Paper:").strip() for line in doc if line.startswith("Paper:")), "")
     lines = [f"{name} ({cls.stage}): {cls.summary}", f"  paper: {paper or doc[0] if doc else ''}",
              f"  keep means: {cls.keep_means} (default {show(cls.keep)})"]
+    shown = set(mmprune.registry.parameters(cls))
     for spec in fields(cls):
-        if not spec.init:
+        if spec.name not in shown:
             continue
         check = spec.metadata.get("check")
         allowed = f"; allowed: {check.describe()}" if check is not None else ""

@@ -1,8 +1,9 @@
 """The shared vocabulary of media tokens: items, their grids (segments), and a method's answer (selections).
 
-``MediaItem`` is the model-independent view of one image's or one video's tokens as they enter the LLM. The model
-adapter fills it; methods read only the fields they need. A video is a sequence of temporal grids, one
-:class:`Segment` per grid, each with its index and time in seconds. Attention-derived fields are computed lazily
+``MediaItem`` is the model-independent view of one image's, video's or audio clip's tokens as they enter the LLM.
+The model adapter fills it; methods read only the fields they need. A video is a sequence of temporal grids, one
+:class:`Segment` per grid, each with its index and time in seconds; an audio clip is one ``1 x N`` segment of
+tokens in time order. Attention-derived fields are computed lazily
 (a method that never asks for [CLS] attention never pays for it).
 
 ``Selection`` is a method's answer: which original token slots survive, in the order the tokens enter the LLM, and
@@ -51,7 +52,7 @@ class Segment:
         return self.start + torch.arange(self.rows) * (self.cols + 1) + self.cols
 
 
-MODALITIES = ("image", "video")
+MODALITIES = ("image", "video", "audio")
 
 
 class MediaItem:
@@ -62,7 +63,8 @@ class MediaItem:
         segments: the layout of the tokens (one grid for LLaVA-1.5 and Qwen2-VL images; base grid + high-res grid
             with newline tokens for LLaVA-NeXT; one grid per temporal step for videos, with ``frame`` and
             ``time``). Every token index in ``range(N)`` belongs to exactly one segment.
-        modality: ``"image"`` or ``"video"``.
+        modality: ``"image"``, ``"video"`` or ``"audio"`` (one ``1 x N`` segment: its tokens in time order).
+        token_seconds: an audio item's seconds per token (0.04 on Qwen2.5-Omni), None when unknown.
         sample: index of the sample (row of the batch) the item belongs to.
         index_in_sample: index of this item among the items of its modality in its sample (0 for the first).
         family: the adapter's family name, for methods whose reference treats families differently.
@@ -79,6 +81,7 @@ class MediaItem:
         family: str = "",
         lazy: dict[str, Lazy] | None = None,
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        token_seconds: float | None = None,
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"modality {modality!r}: expected one of {MODALITIES}")
@@ -91,6 +94,7 @@ class MediaItem:
         self._lazy = dict(lazy or {})
         self._cache: dict[str, torch.Tensor] = {}
         self._project = project
+        self.token_seconds = token_seconds
         if sum(s.size for s in segments) != embeds.shape[0]:
             raise ValueError(
                 f"segments cover {sum(s.size for s in segments)} tokens but the image has {embeds.shape[0]}"

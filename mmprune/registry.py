@@ -65,8 +65,9 @@ def resolve_name(name: object) -> str:
 
 
 def parameters(cls: type[Pruner]) -> list[str]:
-    """The hyper-parameters (init fields) of a method class, in declaration order."""
-    return [f.name for f in fields(cls) if f.init]
+    """The hyper-parameters (init fields) of a method class, in declaration order (``keep_audio`` only for methods
+    that prune audio)."""
+    return [f.name for f in fields(cls) if f.init and (f.name != "keep_audio" or cls.prunes("audio"))]
 
 
 def get(name: str, **params) -> Pruner:
@@ -75,7 +76,8 @@ def get(name: str, **params) -> Pruner:
     name = resolve_name(name)
     cls = METHODS[name]
     allowed = parameters(cls)
-    unknown = [key for key in params if key not in allowed]
+    # keep_audio on a method without audio: the class says which methods prune audio
+    unknown = [key for key in params if key not in allowed and key != "keep_audio"]
     if unknown:
         close = difflib.get_close_matches(unknown[0], allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

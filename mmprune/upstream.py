@@ -301,10 +301,18 @@ class QwenVisionParts:
     """The last vision block of Qwen2-VL / Qwen2.5-VL and the helpers to recompute its attention."""
 
     block: nn.Module
-    attention: nn.Module  # .qkv, .num_heads, .scaling
+    attention: nn.Module  # .qkv (Qwen2-VL, 2.5-VL) or .q/.k (Qwen2.5-Omni), .num_heads, .scaling
     apply_rope: Callable  # apply_rotary_pos_emb_vision(q, k, cos, sin) of the model's own module
     merge: int
     windowed: bool  # Qwen2.5-VL reorders patches by window before the blocks
+
+    def queries_keys(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(seq, heads, head_dim)`` queries and keys of the block's attention on ``hidden`` (before RoPE)."""
+        attn, seq = self.attention, hidden.shape[0]
+        if hasattr(attn, "qkv"):
+            q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            return q, k
+        return attn.q(hidden).reshape(seq, attn.num_heads, -1), attn.k(hidden).reshape(seq, attn.num_heads, -1)
 
 
 QWEN_BLOCK_ARGUMENTS = ("cu_seqlens", "position_embeddings")  # what the last block's attention is called with
@@ -372,6 +380,34 @@ def onevision_videos(inner: nn.Module, output: Any, frames: int, per_frame: int)
             features = torch.cat([features, inner.image_newline[None].to(features)])
         videos.append(features)
     return videos
+
+
+OMNI_FIRST = "5.21.0"  # the Qwen2.5-Omni thinker holds its towers and decoder in .model from this release on
+
+
+def check_omni_layout(model: nn.Module) -> None:
+    """Qwen2.5-Omni thinkers before 5.21 keep the towers on the thinker and the decoder in ``.model``; mmprune reads
+    the standard layout (``.model.audio_tower/.visual/.language_model``) and refuses the old one."""
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("audio_tower", "visual", "language_model")):
+        raise ValueError(f"{type(model).__name__}: mmprune supports the Qwen2.5-Omni thinker from transformers "
+                         f"{OMNI_FIRST} (its towers and decoder under .model); transformers {transformers_version()} "
+                         "lays it out differently: upgrade transformers")
+
+
+def audio_items(inner: nn.Module, output: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Per audio clip, its ``(tokens, hidden)`` LLM-space features: ``get_audio_features`` returns them flat in
+    ``last_hidden_state``; each clip's count follows from its mel length (``feature_attention_mask``, else
+    ``audio_feature_lengths``) through the tower's ``_get_feat_extract_output_lengths``."""
+    mask = kwargs.get("feature_attention_mask", args[1] if len(args) > 1 else None)
+    lengths = mask.sum(-1) if mask is not None else kwargs.get("audio_feature_lengths",
+                                                               args[2] if len(args) > 2 else None)
+    features = getattr(output, "last_hidden_state", None)
+    if features is None or lengths is None:
+        raise mismatch("get_audio_features returns last_hidden_state and takes feature_attention_mask or "
+                       "audio_feature_lengths", f"it returned {type(output).__name__} for lengths {lengths!r}")
+    _, counts = inner.audio_tower._get_feat_extract_output_lengths(lengths)
+    return list(torch.split(features, [int(c) for c in counts.tolist()]))
 
 
 # ---------------------------------------------------------------------------------------------- the contract
@@ -485,11 +521,12 @@ def _check_video_pooler(adapter: Any) -> None:
 def _check_qwen_vision(adapter: Any) -> None:
     try:
         parts = qwen_vision(adapter.inner.visual)
-        for attribute in ("qkv", "num_heads", "scaling"):
+        projections = ("qkv",) if hasattr(parts.attention, "qkv") else ("q", "k")  # Qwen2.5-Omni: separate
+        for attribute in (*projections, "num_heads", "scaling"):
             getattr(parts.attention, attribute)
     except AttributeError as exc:
-        raise mismatch("Qwen vision blocks have attn.qkv/num_heads/scaling and the module defines "
-                       "apply_rotary_pos_emb_vision", str(exc)) from None
+        raise mismatch("Qwen vision blocks have attn.qkv (or attn.q and attn.k), num_heads, scaling and the module "
+                       "defines apply_rotary_pos_emb_vision", str(exc)) from None
     params = _parameters(parts.attention.forward)
     missing = [name for name in QWEN_BLOCK_ARGUMENTS if name not in params]
     _require(not missing, f"the vision attention takes {', '.join(QWEN_BLOCK_ARGUMENTS)}",
@@ -499,6 +536,16 @@ def _check_qwen_vision(adapter: Any) -> None:
 
         _require(hasattr(vision_utils, "get_vision_window_index"), "vision_utils.get_vision_window_index exists",
                  "it is gone")
+
+
+def _check_omni_audio(adapter: Any) -> None:
+    tower = getattr(adapter.inner, "audio_tower", None)
+    _require(callable(getattr(tower, "_get_feat_extract_output_lengths", None)),
+             "the Qwen2.5-Omni audio tower has _get_feat_extract_output_lengths",
+             f"{type(tower).__name__} has none")
+    params = _parameters(adapter.inner.get_audio_features)
+    _require("feature_attention_mask" in params, "get_audio_features(input_features, feature_attention_mask, ...)",
+             f"its parameters are {', '.join(params)}")
 
 
 ASSUMPTIONS: list[Assumption] = [
@@ -517,7 +564,9 @@ ASSUMPTIONS: list[Assumption] = [
                families=("llava-next-video",)),
     Assumption("LLaVA-OneVision crop count, packing, video pooling and newline", _check_onevision,
                families=("llava-onevision",)),
-    Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision, families=("qwen2-vl",)),
+    Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision,
+               families=("qwen2-vl", "qwen2.5-omni")),
+    Assumption("Qwen2.5-Omni audio tower and its output lengths", _check_omni_audio, families=("qwen2.5-omni",)),
 ]
 
 

@@ -126,8 +126,8 @@ def test_kv_cache_of_every_sample_follows_the_schedule(family, method):
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != tiny.IMAGE_TOKEN)).sum(1).tolist()
     layers = model.config.text_config.num_hidden_layers
     for sample, image_ids in zip(stats["samples"], ([0], [1, 2], [3])):
-        tracks = [SimpleNamespace(count=image["after"], segments=[Segment(*g) for g in image["segments"]])
-                  for image in sample["images"]]
+        tracks = [SimpleNamespace(count=image["after"], modality="image",
+                                  segments=[Segment(*g) for g in image["segments"]]) for image in sample["images"]]
         assert [image["before"] for image in sample["images"]] == [tiny.tokens_per_image(family, i) for i in image_ids]
         stage_layers, schedule = pruner.plan(tracks, layers)
         assert stage_layers == stats["stage_layers"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -17,6 +18,8 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2Config,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
     SiglipVisionConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -93,6 +96,44 @@ def qwen2_vl(seed: int = 0, v25: bool = False):
 
 VISION_START, VISION_END = 93, 92
 VIDEO_TOKEN = 94
+AUDIO_TOKEN, AUDIO_START, AUDIO_END = 91, 90, 89
+MEL_BINS = 16
+
+
+def qwen2_5_omni(seed: int = 0) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """A tiny Qwen2.5-Omni thinker: the Qwen2.5-VL tower of ``qwen2_vl(v25=True)``, a 2-layer audio tower on 16 mel
+    bins attending within 100-frame (1 s) windows, 25 audio tokens per second."""
+    torch.manual_seed(seed)
+    cfg = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          d_model=32, n_window=50, output_dim=32, max_source_positions=1500),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=32,
+                           fullatt_block_indexes=[1]),
+        text_config=_text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        audio_token_index=AUDIO_TOKEN, image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+        audio_start_token_id=AUDIO_START, audio_end_token_id=AUDIO_END, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, position_id_per_seconds=25, seconds_per_chunk=2)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # the placeholder ids get logit 0, below the best of the other 89: never generated, so a
+        # prompt extended with generated tokens (the replay tests) keeps its placeholder counts (Omni counts them in
+        # input_ids; the Qwen-VL tests carry mm_token_type_ids instead)
+        model.lm_head.weight[AUDIO_END:] = 0
+    return model
+
+
+def audio_frames(audio_id: int) -> int:
+    """Mel frames of audio ``audio_id``: 2 s (200 frames, 50 tokens) for even ids, 1 s (100, 25) for odd ones."""
+    return 200 if audio_id % 2 == 0 else 100
+
+
+def tokens_per_audio(audio_id: int) -> int:
+    return audio_frames(audio_id) // 4
+
+
+def audio_features(audio_id: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3000 + audio_id)
+    return torch.randn(MEL_BINS, audio_frames(audio_id), generator=g)
 
 
 def image_pixels(family: str, image_id: int) -> dict:
@@ -125,7 +166,7 @@ def video_pixels(family: str, video_id: int) -> dict:
     h, w = (8, 8) if video_id % 2 == 0 else (8, 12)
     out = {"pixel_values_videos": torch.randn(2 * h * w, 3 * 2 * 4 * 4, generator=g),
            "video_grid_thw": torch.tensor([[2, h, w]])}
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "qwen2_5_omni"):
         out["second_per_grid_ts"] = torch.tensor([1.0])
     return out
 
@@ -150,11 +191,14 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
     """Model inputs for samples described as lists of text lengths (int), image ids (``("img", id)``) and, on the
     Qwen families, video ids (``("vid", id)``)."""
     qwen = family.startswith("qwen")
-    rows, pixels, videos = [], [], []
+    rows, pixels, videos, audios = [], [], [], []
     for sample in samples:
         ids: list[int] = []
         for part in sample:
-            if isinstance(part, tuple) and part[0] == "vid":
+            if isinstance(part, tuple) and part[0] == "aud":
+                ids += [AUDIO_START] + [AUDIO_TOKEN] * tokens_per_audio(part[1]) + [AUDIO_END]
+                audios.append(audio_features(part[1]))
+            elif isinstance(part, tuple) and part[0] == "vid":
                 run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
                 ids += [VISION_START] + run + [VISION_END] if qwen else run
                 videos.append(video_pixels(family, part[1]))
@@ -177,7 +221,15 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
     for parts in (pixels, videos):
         for key in (parts[0] if parts else ()):
             out[key] = torch.cat(_pad_crops([p[key] for p in parts]))
-    if qwen:
+    if audios:  # (clips, mel bins, frames) padded to the longest, as WhisperFeatureExtractor with a mask
+        longest = max(a.shape[1] for a in audios)
+        out["input_features"] = torch.stack([F.pad(a, (0, longest - a.shape[1])) for a in audios])
+        out["feature_attention_mask"] = torch.stack(
+            [(torch.arange(longest) < a.shape[1]).long() for a in audios])
+    if family == "qwen2_5_omni":
+        if "second_per_grid_ts" in out:
+            out["video_second_per_grid"] = out.pop("second_per_grid_ts")
+    elif qwen:
         out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
     return out
 
@@ -198,4 +250,5 @@ BUILDERS = {
     "llava_onevision": llava_onevision,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
+    "qwen2_5_omni": qwen2_5_omni,
 }

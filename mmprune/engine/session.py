@@ -197,6 +197,7 @@ class PruningSession:
         if setting("cache_implementation") not in (None, "dynamic"):
             refused.append(f"cache_implementation={setting('cache_implementation')!r} (static caches are not "
                            "supported; use the default dynamic cache)")
+        refused += self.adapter.refused_generation(setting)
         if refused:
             raise ValueError(
                 f"{self.pruner.name}: {'; '.join(refused)} is not supported with a pruner attached; generate() "
@@ -388,6 +389,8 @@ class PruningSession:
                 entry["frames"] = [len(frames), frames[0].rows, frames[0].cols]
                 entry["frame_times"] = [f.time for f in frames]
                 entry["kept_per_frame"] = per_frame(entry["kept"], frames)
+            if item.modality == "audio":
+                entry["seconds"] = item.num_tokens * item.token_seconds if item.token_seconds else None
             samples[span.sample][LISTS[item.modality]].append(entry)
         layers = self.adapter.num_layers
         for sample in samples:
@@ -453,7 +456,7 @@ def _verify_once(adapter: Any) -> None:
         _VERIFIED.add(adapter.model)
 
 
-LISTS = {"image": "images", "video": "videos"}  # the per-sample stats list of each modality
+LISTS = {"image": "images", "video": "videos", "audio": "audios"}  # the per-sample stats list of each modality
 
 
 def per_frame(kept: list[int], frames: list) -> list[int]:

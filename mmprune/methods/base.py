@@ -37,6 +37,8 @@ class Pruner:
     """
 
     keep: int | float = field(default=0.25, metadata={"help": "the budget (see keep_means)"})
+    keep_audio: int | float | None = field(default=None, metadata={
+        "help": "the audio budget, counted as keep is (None: keep); methods that prune audio only"})
     positions: str | None = field(default=None, metadata={
         "help": "position ids of the tokens that stay: 'renumber', 'original', or None (the family's reference)"})
 
@@ -53,6 +55,15 @@ class Pruner:
 
     def __post_init__(self) -> None:
         validate_keep(self.keep)
+        if self.keep_audio is not None:
+            if not self.prunes("audio"):
+                pruning = sorted(name for name, cls in _registered().items() if cls.prunes("audio"))
+                raise ValueError(f"{self.name} does not prune audio, so keep_audio does not apply; methods that "
+                                 f"do: {', '.join(pruning) or 'none yet'}")
+            try:
+                validate_keep(self.keep_audio)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("keep=", "keep_audio=", 1)) from None
         if self.positions is not None and self.positions not in POSITION_POLICIES:
             raise ValueError(
                 f"positions={self.positions!r} is not a position policy: expected one of {POSITION_POLICIES} or None"
@@ -65,6 +76,11 @@ class Pruner:
             if not check.check(value):
                 raise invalid(self.name, spec.name, value, check)
             setattr(self, spec.name, check.normalise(value))
+
+    @classmethod
+    def prunes(cls, modality: str) -> bool:
+        """Whether the method reduces ``modality``'s tokens (accepting a modality to pass it whole does not count)."""
+        return modality in cls.modalities and modality not in cls.passes_through
 
     def attach(self, model: torch.nn.Module) -> PruningSession:
         """Hook this method into ``model`` (a stock HF VLM) now; returns the attachment.
@@ -87,8 +103,12 @@ class Pruner:
         """JSON-serialisable description of the last forward that carried images (``None`` before any)."""
         return self._stats
 
-    def budget(self, num_tokens: int) -> int:
-        return resolve_keep(self.keep, num_tokens)
+    def keep_for(self, modality: str) -> int | float:
+        """The budget of one ``modality``'s items: ``keep_audio`` for audio when given, else ``keep``."""
+        return self.keep_audio if modality == "audio" and self.keep_audio is not None else self.keep
+
+    def budget(self, num_tokens: int, modality: str = "image") -> int:
+        return resolve_keep(self.keep_for(modality), num_tokens)
 
 
 @dataclass
@@ -98,7 +118,7 @@ class PreLLMPruner(Pruner):
     stage: ClassVar[str] = "pre-llm"
 
     def prune_image(self, tokens: MediaItem) -> Selection:
-        k = self.pre_llm_budget(tokens.num_tokens)
+        k = self.pre_llm_budget(tokens.num_tokens, tokens.modality)
         if k == tokens.num_tokens:
             # Keeping every token is the identity for every method (merging methods included), so the model's
             # output is exactly the unpruned one.
@@ -111,9 +131,10 @@ class PreLLMPruner(Pruner):
     def select(self, tokens: MediaItem, k: int) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def pre_llm_budget(self, num_tokens: int) -> int:
-        """Tokens of an image of ``num_tokens`` that enter the LLM (``keep``; hybrids derive it from their schedule)."""
-        return self.budget(num_tokens)
+    def pre_llm_budget(self, num_tokens: int, modality: str = "image") -> int:
+        """Tokens of an item of ``num_tokens`` that enter the LLM (``keep``, ``keep_audio`` for audio; hybrids derive
+        it from their schedule)."""
+        return self.budget(num_tokens, modality)
 
 
 @dataclass
@@ -131,6 +152,12 @@ class VideoPruner(PreLLMPruner):
 
     def prune_video(self, tokens: MediaItem) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _registered() -> dict:
+    from mmprune.registry import METHODS
+
+    return METHODS
 
 
 def scale_layers(layers: list[int] | tuple[int, ...], num_layers: int, reference_depth: float = 32) -> list[int]:
@@ -182,12 +209,14 @@ class InLLMPruner(Pruner):
         """The stage layers (decoder layers before which visual tokens leave, increasing) and, per image (an
         :class:`~mmprune.engine.layers.ItemTrack`: ``count`` tokens entering the LLM, its ``segments``), the most
         tokens left after each stage (non-increasing)."""
-        return self.stage_layers(num_layers), [self.schedule(image.count, num_layers) for image in images]
+        return self.stage_layers(num_layers), [self.schedule(image.count, num_layers, image.modality)
+                                               for image in images]
 
     def stage_layers(self, num_layers: int) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def schedule(self, num_tokens: int, num_layers: int) -> list[int]:  # pragma: no cover - abstract
+    def schedule(self, num_tokens: int, num_layers: int,
+                 modality: str = "image") -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:
@@ -225,8 +254,8 @@ class SingleStagePruner(InLLMPruner):
         self.check_model(num_layers)
         return [self.layer]
 
-    def schedule(self, num_tokens: int, num_layers: int) -> list[int]:
-        return [self.budget(num_tokens)]
+    def schedule(self, num_tokens: int, num_layers: int, modality: str = "image") -> list[int]:
+        return [self.budget(num_tokens, modality)]
 
     def describe_schedule(self) -> dict:
         return {"keep": self.keep, "mode": "single stage", "layer": self.layer}

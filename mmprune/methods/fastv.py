@@ -29,15 +29,15 @@ class FastVPruner(SingleStagePruner):
     ``K-1``'s input (its norm, q/k projections and RoPE), so the model keeps SDPA/FlashAttention instead of eager;
     batches of any size (the reference indexes sample 0 and a fixed image offset); the budget is per image.
 
-    Videos: a video item's tokens are scored as one span with the same rule (it reads no 2-D layout), and
-    its ``keep`` counts the whole video's tokens.
+    Videos and audio: an item's tokens are scored as one span with the same rule (it reads no 2-D layout); ``keep``
+    counts a whole video's tokens and ``keep_audio`` an audio clip's (the FastV baseline of SEATS).
     """
 
     keep: int | float = 0.5
     query: str = param("last", Choice(options=QUERIES),
                        "'last': the last prompt token's attention (the code); 'all': attention received from all")
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video", "audio")
     name: ClassVar[str] = "fastv"
     summary: ClassVar[str] = "in-LLM: top-k by the last token's attention at layer K-1 (FastV)"
     default_positions: ClassVar[str | None] = "original"

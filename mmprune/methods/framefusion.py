@@ -191,7 +191,7 @@ class FrameFusionPruner(HybridPruner):
     def check_model(self, num_layers: int) -> None:
         self._num_layers = num_layers
 
-    def pre_llm_budget(self, num_tokens: int) -> int:
+    def pre_llm_budget(self, num_tokens: int, modality: str = "image") -> int:
         return num_tokens  # an upper bound: how many merge is decided by the data
 
     def watch(self, num_layers: int, stage_layers: list[int]) -> set[int]:

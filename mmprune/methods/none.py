@@ -17,7 +17,7 @@ class NonePruner(PreLLMPruner):
 
     keep: int | float = 1.0
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video", "audio")
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "no pruning: the unpruned model (reference row)"
 

@@ -28,12 +28,13 @@ class PoolPruner(PreLLMPruner):
 
     Videos: each temporal grid is pooled in 2-D with an even share of ``k`` ((1, 2, 2)-style); when ``k`` is
     smaller than the number of grids, ``ceil(T / k)`` consecutive grids are averaged first ((2, 2, 2)-style), so
-    the budget is met without dropping whole grids.
+    the budget is met without dropping whole grids. Audio: 1-D average pooling of the clip (one ``1 x N`` grid)
+    to ``keep_audio`` tokens.
     """
 
     keep: int | float = 0.25
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video", "audio")
 
     name: ClassVar[str] = "pool"
     summary: ClassVar[str] = "2-D average pooling of the projected tokens to the budget (LLaVolta baseline)"

@@ -23,11 +23,12 @@ class UniformPruner(PreLLMPruner):
 
     Videos: an even ``(t, h, w)`` lattice: ``k`` is shared evenly over the temporal grids (the remainder, or with
     fewer tokens than grids the grids that get one, spread evenly in time), each grid's share laid evenly in 2-D.
+    Audio: ``keep_audio`` tokens evenly spaced in time (the clip is one ``1 x N`` grid).
     """
 
     keep: int | float = 0.25
 
-    modalities: ClassVar[tuple[str, ...]] = ("image", "video")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video", "audio")
 
     name: ClassVar[str] = "uniform"
     summary: ClassVar[str] = "evenly spaced 2-D grid of patches (spatial baseline)"

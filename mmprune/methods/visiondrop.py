@@ -67,7 +67,7 @@ class VisionDropPruner(HybridPruner):
     def _keeps_all(self) -> bool:
         return isinstance(self.keep, float) and self.keep == 1.0
 
-    def pre_llm_budget(self, num_tokens: int) -> int:
+    def pre_llm_budget(self, num_tokens: int, modality: str = "image") -> int:
         return num_tokens if self._keeps_all() else sum(self._counts(num_tokens)[0])
 
     def select(self, tokens: MediaItem, k: int) -> Selection:

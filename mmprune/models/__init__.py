@@ -9,10 +9,11 @@ from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import LlavaNextAdapter
 from mmprune.models.llava_next_video import LlavaNextVideoAdapter
 from mmprune.models.llava_onevision import LlavaOnevisionAdapter
+from mmprune.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
-                                     Qwen2VLAdapter]
+                                     Qwen2VLAdapter, Qwen2_5OmniAdapter]
 
 
 def supported_families() -> list[str]:
@@ -24,6 +25,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         raise ValueError(
             "this model was compiled with torch.compile: attach to the uncompiled model (model._orig_mod, or before "
             "compiling); pruning changes sequence lengths inside the forward, which a compiled graph does not follow")
+    if type(model).__name__ == "Qwen2_5OmniForConditionalGeneration":
+        raise ValueError("Qwen2_5OmniForConditionalGeneration: attach to its .thinker (mmprune prunes the thinker's "
+                         "prompt; the talker, which speaks, reads the unpruned prompt's hidden states): "
+                         "pruner.attach(model.thinker), then generate text (return_audio=False)")
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)

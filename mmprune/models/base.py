@@ -57,6 +57,11 @@ class ModelAdapter:
     def annotate(self, items: list[MediaItem], arguments: dict) -> None:
         """Fill what only the multimodal forward's arguments tell (e.g. a video's seconds per grid)."""
 
+    def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
+        """Family-specific generate() settings the engine cannot follow (``setting(name)`` reads one); each entry
+        says what and why."""
+        return []
+
     def install_capture(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks that record the vision encoder internals the lazy fields need; returns their handles."""
         return []

@@ -100,7 +100,7 @@ class Qwen2VLAdapter(ModelAdapter):
         unit = self.merge * self.merge
         with torch.no_grad():
             seq = hidden.shape[0]
-            q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = self.vision.queries_keys(hidden)
             cos, sin = kwargs["position_embeddings"]
             q, k = self.vision.apply_rope(q, k, cos, sin)
             q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, seq, d)

@@ -1,0 +1,65 @@
+"""Qwen2.5-Omni thinker (``Qwen2_5OmniThinkerForConditionalGeneration``): Qwen2.5-VL's vision tower, a Whisper-style
+audio tower, and TMRoPE positions over interleaved audio and video."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+from torch import nn
+
+from mmprune import upstream
+from mmprune.media import MediaItem, Segment
+from mmprune.models.qwen2_vl import Qwen2VLAdapter
+
+# The Whisper front end gives 100 mel frames per second; the audio tower's stride-2 convolution and its 2x average
+# pooling leave one token per 4 frames.
+AUDIO_TOKEN_SECONDS = 0.04
+
+
+class Qwen2_5OmniAdapter(Qwen2VLAdapter):
+    """The Qwen2.5-Omni thinker (text output).
+
+    Images and videos are Qwen2.5-VL's (the same windowed tower, 2x2 merge, lazy received attention); grid ``k`` of
+    a video starts at ``k * video_second_per_grid`` seconds. An **audio clip** is one item of ``N`` tokens in time
+    order (one ``1 x N`` segment), 25 per second (``token_seconds`` 0.04); ``get_audio_features`` returns every clip's
+    tokens flat and the adapter splits them by each clip's mel length. With ``use_audio_in_video`` the processor
+    interleaves a video's grids and its audio in 2-second chunks; items are placed by their own placeholder tokens,
+    so each keeps its order and kept tokens keep their slots and TMRoPE ids (``positions="original"``, the only
+    policy: the ids are 3-D).
+
+    Speech output is refused while a method is attached: the talker reads the thinker's prompt hidden states
+    (``generate(return_audio=True)`` asks the thinker for them), which pruning shortens. Attach to ``model.thinker``
+    of a ``Qwen2_5OmniForConditionalGeneration`` and generate text (``return_audio=False``), or call the thinker.
+    Supported from transformers 5.21 (earlier releases lay the thinker out differently; refused at attach).
+    """
+
+    family = "qwen2.5-omni"
+    model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration",)
+    modalities = ("image", "video", "audio")
+
+    def __init__(self, model: nn.Module) -> None:
+        upstream.check_omni_layout(model)
+        super().__init__(model)
+
+    def build_items(self, modality: str, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
+        if modality != "audio":
+            return super().build_items(modality, output, args, kwargs)
+        return [MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
+                          token_seconds=AUDIO_TOKEN_SECONDS)
+                for embeds in upstream.audio_items(self.inner, output, args, kwargs)]
+
+    def annotate(self, items: list[MediaItem], arguments: dict) -> None:
+        """Video grid ``k`` starts at ``k * video_second_per_grid`` seconds."""
+        seconds = arguments.get("video_second_per_grid")
+        videos = [item for item in items if item.modality == "video"]
+        if seconds is None or not videos:
+            return
+        for video, step in zip(videos, seconds.tolist() if hasattr(seconds, "tolist") else seconds):
+            video.segments = [replace(s, time=s.frame * float(step)) for s in video.segments]
+
+    def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
+        if setting("output_hidden_states"):
+            return ["output_hidden_states=True (speech output: the talker reads the thinker's prompt hidden states, "
+                    "which pruning shortens; generate text with return_audio=False)"]
+        return []
