@@ -40,8 +40,7 @@ def family(request) -> str:
 
 def pruning(modality: str) -> list[str]:
     """Registered methods that reduce ``modality``'s tokens (``none`` keeps everything; EVS leaves images whole)."""
-    return [m for m, cls in sorted(mmprune.METHODS.items())
-            if m != "none" and modality in cls.modalities and modality not in cls.passes_through]
+    return [m for m, cls in sorted(mmprune.METHODS.items()) if cls.prunes(modality)]
 
 
 def keep_for(method: str) -> float:

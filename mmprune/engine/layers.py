@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from mmprune import upstream
-from mmprune.engine.sequence import ItemSpan, as_rows, compact_prefill, last_real
+from mmprune.engine.sequence import ItemSpan, as_rows, compact_prefill, last_real, output_slots
 from mmprune.media import Selection
 
 
@@ -333,8 +333,8 @@ class LayerRunner:
         new_hidden, _, new_positions, layout = compact_prefill(hidden, self.mask, self.position_ids, spans,
                                                                self.policy)
         for track, sel in zip(self.tracks, selections):
-            # output token j of an image sits in the image's j-th slot (see compact_prefill)
-            track.positions = layout.destinations(track.sample, track.positions[:sel.count])
+            # output token j sits in its own slot, or the item's j-th (see ItemSpan.output_slots)
+            track.positions = layout.destinations(track.sample, output_slots(track.positions, sel))
             track.original = track.original[sel.slots.to(track.original.device)]
         self.mask = layout.compact_mask
         self.position_ids = new_positions

@@ -1,7 +1,8 @@
 """How a padded batch shrinks: pure tensor bookkeeping for sequences that lose tokens before the first layer.
 
-Prefill: every image span is rewritten with its selection (output token ``j`` goes to the span's ``j``-th slot,
-taking the embedding and original position of token ``slots[j]``), the dropped slots leave, and each sample is
+Prefill: every item span is rewritten with its selection (see :meth:`ItemSpan.output_slots`: output token ``j``
+stays in the slot of token ``slots[j]`` when the slots ascend, else goes to the span's ``j``-th slot; either way it
+takes the embedding and original position of token ``slots[j]``), the dropped slots leave, and each sample is
 re-padded on its original padding side so the last prompt token stays last (what ``generate`` reads logits from).
 
 Decode: ``generate`` keeps counting in the original layout (its attention mask and position ids cover the full
@@ -25,6 +26,22 @@ class ItemSpan:
     sample: int
     positions: torch.Tensor  # (N,) sequence indices of the item's tokens, ascending
     selection: Selection
+
+    def output_slots(self) -> torch.Tensor:
+        """``(k,)`` sequence indices the selection's output tokens occupy: each token's own slot when the slots
+        ascend (every pure selection, and merges that keep slot order), so an item whose tokens interleave with
+        another's (Qwen2.5-Omni's audio-in-video chunks) keeps its interleaving; otherwise the span's first ``k``
+        slots in output order (VisionZip's appended merged tokens). For an item whose span is contiguous both give
+        the same compacted sequence."""
+        return output_slots(self.positions, self.selection)
+
+
+def output_slots(positions: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """See :meth:`ItemSpan.output_slots` (``positions``: the item's current sequence indices, ascending)."""
+    slots = selection.slots.to(positions.device)
+    if bool((slots[1:] > slots[:-1]).all()):
+        return positions[slots]
+    return positions[:selection.count]
 
 
 @dataclass
@@ -113,8 +130,7 @@ def compact_prefill(
     carried = torch.arange(length, device=device).expand(batch, -1).clone()
     for span in spans:
         sel = span.selection
-        k = sel.count
-        slots = span.positions[:k]
+        slots = span.output_slots()
         sources = span.positions[sel.slots.to(device)]
         if sel.embeds is None:
             embeds[span.sample, slots] = inputs_embeds[span.sample, sources]
@@ -122,7 +138,8 @@ def compact_prefill(
             embeds[span.sample, slots] = sel.embeds.to(embeds.dtype)
         new_rows[:, span.sample, slots] = rows[:, span.sample, sources]
         carried[span.sample, slots] = sources
-        keep[span.sample, span.positions[k:]] = False
+        keep[span.sample, span.positions] = False
+        keep[span.sample, slots] = True
 
     index, compact_mask = compaction_index(keep, side)
     # padding slots take a padding token's own embedding where the row had one (not a copy of a real token), so

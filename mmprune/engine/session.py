@@ -216,7 +216,7 @@ class PruningSession:
         if method:
             from mmprune.registry import METHODS
 
-            able = sorted(name for name, cls in METHODS.items() if method <= set(cls.modalities))
+            able = sorted(name for name, cls in METHODS.items() if all(cls.prunes(m) for m in method))
             raise ValueError(
                 f"{self.pruner.name} does not prune {' or '.join(sorted(method))} (it handles "
                 f"{', '.join(self.pruner.modalities)}); methods that do: {', '.join(able)}")
@@ -318,7 +318,7 @@ class PruningSession:
         self.pruner._stats = self._stats(spans, items, selection_ms)
         if self.runner is not None:
             tracks = [ItemTrack(sample=span.sample, index_in_sample=item.index_in_sample, modality=item.modality,
-                                positions=layout.destinations(span.sample, span.positions[:span.selection.count]),
+                                positions=layout.destinations(span.sample, span.output_slots()),
                                 original=span.selection.slots.to(embeds.device), segments=item.segments)
                       for span, item in zip(spans, items)]
             counts = self.runner.plan(tracks)

@@ -18,6 +18,7 @@ class NonePruner(PreLLMPruner):
     keep: int | float = 1.0
 
     modalities: ClassVar[tuple[str, ...]] = ("image", "video", "audio")
+    passes_through: ClassVar[tuple[str, ...]] = modalities  # accepts every medium, reduces none
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "no pruning: the unpruned model (reference row)"
 
