@@ -94,3 +94,28 @@ def test_a_llava_video_is_counted_per_frame_with_its_pooling_by_hand(family):
     out = prefill_flops(g, 5, [visual] * 4, crops=8, visual_before=visual,
                         projected=projected if family == "llava_onevision" else None)
     assert out["vision"] == 8 * per_frame + projector
+
+
+def test_the_omni_audio_tower_is_counted_per_chunk_by_hand():
+    """Tiny Qwen2.5-Omni thinker (tests/tiny.py): 16 mel bins, width 32, MLP 64, 2 layers, chunks of 100 mel frames
+    (50 tokens after the stride-2 conv), projection 32 -> 32. A 250-frame clip: conv1 on 250 frames, conv2 on
+    125, chunks of 50, 50 and 25 tokens, 62 tokens out of the 2x pooling."""
+    from conftest import omni_supported
+
+    if not omni_supported():
+        pytest.skip("the Omni thinker is supported from transformers 5.21")
+    from mmprune.bench.flops import audio_flops
+
+    g = Geometry.from_config(tiny_model("qwen2_5_omni").config)
+    assert (g.audio_mel_bins, g.audio_hidden, g.audio_intermediate, g.audio_layers, g.audio_window, g.audio_out) == (
+        16, 32, 64, 2, 100, 32)
+
+    def layer(n):  # Q, K, V, O 2*n*32*32 each; QK^T and AV 2*n*n*32 each; MLP 2 x 2*n*32*64
+        return 2 * n * 32 * 32 * 4 + 2 * n * n * 32 * 2 + 2 * n * 32 * 64 * 2
+
+    convs = 2 * 250 * 3 * 16 * 32 + 2 * 125 * 3 * 32 * 32
+    expected = convs + 2 * (layer(50) * 2 + layer(25)) + 2 * 62 * 32 * 32
+    assert audio_flops(g, 250) == expected
+    base = prefill_flops(g, 5, [10] * 4, crops=0, visual_before=0, tokens_per_crop=0)
+    with_audio = prefill_flops(g, 5, [10] * 4, crops=0, visual_before=0, tokens_per_crop=0, audio_frames=(250, 100))
+    assert with_audio["vision"] - base["vision"] == expected + audio_flops(g, 100)

@@ -12,7 +12,9 @@ full ``n x n`` square as FastV and PyramidDrop do; the cache length at decode):
 The vision tower is counted the same way (CLIP: ``1 + patches`` tokens per crop, a plain GELU MLP, the patch
 embedding as a ``(patches, 3 p^2) @ (3 p^2, d)`` product), plus the projector, plus the LM head on the tokens whose
 logits are computed (the last one at prefill under ``generate``). Qwen2.5-VL's windowed vision attention is counted
-as full attention (an upper bound for the tower; the tower is the same for every method).
+as full attention (an upper bound for the tower; the tower is the same for every method). Qwen2.5-Omni's audio tower
+(:func:`audio_flops`) counts its two convolutions on the real mel frames (not the chunk padding), its encoder layers
+within their attention chunks, and its projection.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class Geometry:
     patch_dim: int = 0  # 3 * patch^2 (* temporal patch for Qwen)
     projector: tuple[tuple[int, int], ...] = ()  # (in, out) of each projector matmul, per visual token
     vision_ffn_matrices: int = 2  # plain MLP (CLIP, Qwen2-VL); 3 for Qwen2.5-VL's gated MLP
+    audio_mel_bins: int = 0  # Qwen2.5-Omni's audio tower (0: the model has none)
+    audio_hidden: int = 0
+    audio_intermediate: int = 0
+    audio_layers: int = 0
+    audio_window: int = 0  # mel frames per attention chunk (2 * n_window)
+    audio_out: int = 0
 
     @classmethod
     def from_config(cls, config) -> Geometry:
@@ -57,7 +65,12 @@ class Geometry:
                        vision_layers=vision.num_hidden_layers, vision_tokens=patches + with_cls, vision_cls=with_cls,
                        patch_dim=3 * vision.patch_size**2,
                        projector=((vision.hidden_size, text.hidden_size), (text.hidden_size, text.hidden_size)))
-        # Qwen2-VL / Qwen2.5-VL: tokens per image vary; vision_tokens is set per call (see prefill_flops)
+        # Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni: tokens per image vary; vision_tokens is set per call
+        audio = getattr(config, "audio_config", None)
+        if audio is not None:
+            common.update(audio_mel_bins=audio.num_mel_bins, audio_hidden=audio.d_model,
+                          audio_intermediate=audio.encoder_ffn_dim, audio_layers=audio.encoder_layers,
+                          audio_window=2 * audio.n_window, audio_out=audio.output_dim)
         hidden = getattr(vision, "hidden_size", None) or vision.embed_dim
         embed = getattr(vision, "embed_dim", hidden)
         mlp = getattr(vision, "intermediate_size", None) or int(embed * getattr(vision, "mlp_ratio", 4))
@@ -90,6 +103,21 @@ def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, vi
     return crops * per_crop + projector
 
 
+def audio_flops(g: Geometry, mel_frames: int) -> int:
+    """Qwen2.5-Omni's audio tower on one clip of ``mel_frames`` frames: conv1 (kernel 3, mel bins -> d), conv2
+    (kernel 3, stride 2), the encoder layers attending within chunks of ``audio_window`` frames (half as many
+    tokens after conv2; the last chunk may be shorter), 2x average pooling and the projection to ``audio_out``."""
+    if not g.audio_layers:
+        raise ValueError("this model has no audio tower")
+    after_conv = (mel_frames + 1) // 2
+    convs = 2 * mel_frames * 3 * g.audio_mel_bins * g.audio_hidden + 2 * after_conv * 3 * g.audio_hidden ** 2
+    chunk = g.audio_window // 2
+    chunks = [chunk] * (after_conv // chunk) + ([after_conv % chunk] if after_conv % chunk else [])
+    layers = g.audio_layers * sum(layer_flops(n, n, g.audio_hidden, g.audio_hidden, g.audio_intermediate, 2)
+                                  for n in chunks)
+    return convs + layers + 2 * (after_conv // 2) * g.audio_hidden * g.audio_out
+
+
 def llm_prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], logits: int = 1) -> int:
     """The decoder at prefill: layer ``l`` runs on ``text_tokens + visual_per_layer[l]`` tokens; LM head on
     ``logits`` tokens."""
@@ -114,10 +142,12 @@ def decode_flops(g: Geometry, cache_per_layer: list[int], steps: int) -> int:
 
 def prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], crops: int,
                   visual_before: int, tokens_per_crop: int | None = None,
-                  projected: int | None = None) -> dict[str, int]:
+                  projected: int | None = None, audio_frames: tuple[int, ...] = ()) -> dict[str, int]:
     """FLOPs of one sample's prefill, split: ``vision`` (tower + projector), ``llm`` and ``total``. The projector
     maps the ``visual_before`` tokens the LLM would receive, or ``projected`` tokens where pooling follows it
-    (LLaVA-OneVision's videos: every frame patch is projected, then the frame is pooled)."""
+    (LLaVA-OneVision's videos: every frame patch is projected, then the frame is pooled). ``audio_frames``: the mel
+    frames of each audio clip, counted in ``vision`` through :func:`audio_flops` (Qwen2.5-Omni)."""
     vision = vision_flops(g, crops, tokens_per_crop, visual_before if projected is None else projected)
+    vision += sum(audio_flops(g, frames) for frames in audio_frames)
     llm = llm_prefill_flops(g, text_tokens, visual_per_layer)
     return {"vision": vision, "llm": llm, "total": vision + llm}
