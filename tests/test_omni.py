@@ -164,3 +164,13 @@ def test_releases_before_the_standard_thinker_layout_are_refused_at_attach():
     model = tiny.qwen2_5_omni()
     with pytest.raises(ValueError, match=r"supports the Qwen2.5-Omni thinker from transformers 5.21.0"):
         mmprune.get("random").attach(model)
+
+
+def test_video_grids_take_their_time_from_video_second_per_grid():
+    model = tiny_model(FAMILY)
+    inputs = tiny.batch(FAMILY, [[3, ("vid", 0), 4]])
+    inputs["video_second_per_grid"] = torch.tensor([2.0])
+    pruner = mmprune.get("uniform", keep=0.5)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    assert pruner.stats["samples"][0]["videos"][0]["frame_times"] == [0.0, 2.0]

@@ -3,7 +3,6 @@ audio tower, and TMRoPE positions over interleaved audio and video."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable
 
 from torch import nn
@@ -37,6 +36,7 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
     family = "qwen2.5-omni"
     model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration",)
     modalities = ("image", "video", "audio")
+    seconds_argument = "video_second_per_grid"
 
     def __init__(self, model: nn.Module) -> None:
         upstream.check_omni_layout(model)
@@ -48,15 +48,6 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         return [MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
                           token_seconds=AUDIO_TOKEN_SECONDS)
                 for embeds in upstream.audio_items(self.inner, output, args, kwargs)]
-
-    def annotate(self, items: list[MediaItem], arguments: dict) -> None:
-        """Video grid ``k`` starts at ``k * video_second_per_grid`` seconds."""
-        seconds = arguments.get("video_second_per_grid")
-        videos = [item for item in items if item.modality == "video"]
-        if seconds is None or not videos:
-            return
-        for video, step in zip(videos, seconds.tolist() if hasattr(seconds, "tolist") else seconds):
-            video.segments = [replace(s, time=s.frame * float(step)) for s in video.segments]
 
     def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
         if setting("output_hidden_states"):

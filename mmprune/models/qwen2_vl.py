@@ -39,6 +39,7 @@ class Qwen2VLAdapter(ModelAdapter):
     modalities = ("image", "video")
     default_positions = "original"
     supports_renumber = False
+    seconds_argument = "second_per_grid_ts"  # the forward argument with each video's seconds per temporal grid
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -58,8 +59,9 @@ class Qwen2VLAdapter(ModelAdapter):
         return self._build("video", output, kwargs.get("video_grid_thw", args[1] if len(args) > 1 else None))
 
     def annotate(self, items: list[MediaItem], arguments: dict) -> None:
-        """Qwen2.5-VL videos: grid k starts at ``k * second_per_grid_ts`` seconds (Qwen2-VL gives no time)."""
-        seconds = arguments.get("second_per_grid_ts")
+        """Videos: grid k starts at ``k * <seconds per grid>`` seconds, read from the forward argument
+        ``seconds_argument`` (Qwen2-VL gives no time)."""
+        seconds = arguments.get(self.seconds_argument)
         videos = [item for item in items if item.modality == "video"]
         if seconds is None or not videos:
             return
