@@ -19,6 +19,7 @@ from mmprune.methods import (
     PyramidDropPruner,
     Pruner,
     RandomPruner,
+    SeatsPruner,
     SparseVLMPruner,
     ToDREPruner,
     UniformPruner,
@@ -46,6 +47,7 @@ METHODS: dict[str, type[Pruner]] = {
         EVSPruner,
         DyCokePruner,
         FrameFusionPruner,
+        SeatsPruner,
     )
 }
 

@@ -145,6 +145,17 @@ def cache_layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def gather_cache_layer(cache: Any, layer: int, index: torch.Tensor) -> None:
+    """Keep, in decoder ``layer``'s cache, the tokens at ``index`` ``(B, L')`` of its sequence axis, per row."""
+    entry = cache.layers[layer]
+    if entry.keys is None or entry.keys.numel() == 0:
+        return
+    for name in ("keys", "values"):
+        tensor = getattr(entry, name)
+        picked = index.to(tensor.device)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
+        setattr(entry, name, tensor.gather(2, picked))
+
+
 # ---------------------------------------------------------------------------------------------- masks
 @functools.lru_cache(maxsize=1)
 def _mask_function() -> tuple[Callable, str]:
@@ -395,13 +406,23 @@ def check_omni_layout(model: nn.Module) -> None:
                          "lays it out differently: upgrade transformers")
 
 
+def omni_audio_attention(tower: nn.Module) -> nn.Module:
+    """The last encoder layer's attention of Qwen2.5-Omni's audio tower (``q_proj``, ``k_proj``, ``num_heads``,
+    ``scaling``; called with the flat hidden states and ``cu_seqlens``)."""
+    return tower.layers[-1].self_attn
+
+
+def audio_lengths(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Each clip's mel length from ``get_audio_features``' arguments."""
+    mask = kwargs.get("feature_attention_mask", args[1] if len(args) > 1 else None)
+    return mask.sum(-1) if mask is not None else kwargs.get("audio_feature_lengths", args[2] if len(args) > 2 else None)
+
+
 def audio_items(inner: nn.Module, output: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Per audio clip, its ``(tokens, hidden)`` LLM-space features: ``get_audio_features`` returns them flat in
     ``last_hidden_state``; each clip's count follows from its mel length (``feature_attention_mask``, else
     ``audio_feature_lengths``) through the tower's ``_get_feat_extract_output_lengths``."""
-    mask = kwargs.get("feature_attention_mask", args[1] if len(args) > 1 else None)
-    lengths = mask.sum(-1) if mask is not None else kwargs.get("audio_feature_lengths",
-                                                               args[2] if len(args) > 2 else None)
+    lengths = audio_lengths(args, kwargs)
     features = getattr(output, "last_hidden_state", None)
     if features is None or lengths is None:
         raise mismatch("get_audio_features returns last_hidden_state and takes feature_attention_mask or "
@@ -543,6 +564,12 @@ def _check_omni_audio(adapter: Any) -> None:
     _require(callable(getattr(tower, "_get_feat_extract_output_lengths", None)),
              "the Qwen2.5-Omni audio tower has _get_feat_extract_output_lengths",
              f"{type(tower).__name__} has none")
+    attention = omni_audio_attention(tower)
+    missing = [name for name in ("q_proj", "k_proj", "num_heads", "scaling") if not hasattr(attention, name)]
+    _require(not missing, "the audio tower's last layer attention has q_proj, k_proj, num_heads, scaling",
+             f"it lacks {', '.join(missing)}")
+    _require("cu_seqlens" in _parameters(attention.forward), "the audio attention takes cu_seqlens",
+             f"its parameters are {', '.join(_parameters(attention.forward))}")
     params = _parameters(adapter.inner.get_audio_features)
     _require("feature_attention_mask" in params, "get_audio_features(input_features, feature_attention_mask, ...)",
              f"its parameters are {', '.join(params)}")

@@ -43,6 +43,15 @@ def pruning(modality: str) -> list[str]:
     return [m for m, cls in sorted(mmprune.METHODS.items()) if cls.prunes(modality)]
 
 
+# Stage layers a 4-layer test model can hold, for methods whose default schedule needs a deeper one
+TINY_PARAMS = {"seats": dict(layers=[1, 2], late_layer=3)}
+
+
+def method_for_tiny(method: str, **params) -> mmprune.Pruner:
+    """``mmprune.get(method, **params)`` with the stage layers a 4-layer test model can hold."""
+    return mmprune.get(method, **{**TINY_PARAMS.get(method, {}), **params})
+
+
 def keep_for(method: str) -> float:
     """A budget every test model can meet: multi-stage methods average over layers, and every token runs until
     their first stage, so a quarter is out of reach on a 4-layer model."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import omni_supported, tiny_model
+from conftest import method_for_tiny, omni_supported, tiny_model
 
 import mmprune
 import tiny
@@ -53,7 +53,7 @@ def test_keep_all_reproduces_the_unpruned_thinker(layout, method):
     with torch.no_grad():
         reference = model.generate(**inputs, **GEN)
         logits = model(**inputs).logits
-    pruner = mmprune.get(method, keep=1.0, keep_audio=1.0) if method != "none" else mmprune.get("none")
+    pruner = method_for_tiny(method, keep=1.0, keep_audio=1.0) if method != "none" else mmprune.get("none")
     with pruner.attach(model), torch.no_grad():
         assert torch.equal(model.generate(**inputs, **GEN), reference)
         torch.testing.assert_close(model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
@@ -63,7 +63,7 @@ def test_keep_all_reproduces_the_unpruned_thinker(layout, method):
 def test_a_padded_batch_equals_each_sample_alone(method):
     model = tiny_model(FAMILY)
     samples = [[2, ("aud", 0), 3], [4, ("img", 1), 1, ("aud", 1), 2], [1, ("vid", 1), 2, ("aud", 2), 1]]
-    pruner = mmprune.get(method, keep=0.5, keep_audio=0.4)
+    pruner = method_for_tiny(method, keep=0.5, keep_audio=0.4)
     with pruner.attach(model), torch.no_grad():
         batch = model.generate(**tiny.batch(FAMILY, samples), **GEN)
         audios = final_kept(pruner.stats, "audio")
@@ -71,7 +71,8 @@ def test_a_padded_batch_equals_each_sample_alone(method):
             alone = model.generate(**tiny.batch(FAMILY, [sample]), **GEN)
             assert final_kept(pruner.stats, "audio")[0] == audios[i]
             assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch[i, -GEN["max_new_tokens"]:])
-    assert [len(kept) for sample in audios for kept in sample] == [20, 10, 20]  # round(0.4 * 50), round(0.4 * 25)
+    if pruner.stage == "pre-llm":
+        assert [len(kept) for sample in audios for kept in sample] == [20, 10, 20]  # round(0.4 * 50), (0.4 * 25)
 
 
 def test_interleaved_audio_and_video_keep_their_order_and_tmrope_ids():
@@ -124,7 +125,7 @@ def test_audio_stats_give_seconds_and_a_per_modality_layer_count():
 
 def test_keep_audio_is_checked_at_get():
     with pytest.raises(ValueError, match=r"fastervlm does not prune audio, so keep_audio does not apply; methods "
-                                         r"that do: fastv, pool, random, uniform"):
+                                         r"that do: fastv, pool, random, seats, uniform"):
         mmprune.get("fastervlm", keep_audio=0.5)
     with pytest.raises(ValueError, match=r"keep_audio=0 is out of range"):
         mmprune.get("random", keep_audio=0)
@@ -135,7 +136,7 @@ def test_keep_audio_is_checked_at_get():
 def test_a_method_without_audio_refuses_an_audio_prompt():
     model = tiny_model(FAMILY)
     with pytest.raises(ValueError, match=r"divprune does not prune audio \(it handles image, video\); methods that "
-                                         r"do: fastv, pool, random, uniform"):
+                                         r"do: fastv, pool, random, seats, uniform"):
         with mmprune.get("divprune").attach(model), torch.no_grad():
             model(**tiny.batch(FAMILY, [[2, ("aud", 1), 2]]))
 
@@ -174,3 +175,44 @@ def test_video_grids_take_their_time_from_video_second_per_grid():
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
     assert pruner.stats["samples"][0]["videos"][0]["frame_times"] == [0.0, 2.0]
+
+
+def test_audio_token_attention_is_the_last_audio_layers_received_attention():
+    """Reference: the audio tower's own eager attention weights at its last layer, per attention chunk (100 mel
+    frames: 50 positions), mean over queries, then the two positions pooled into each token averaged."""
+    import copy
+
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+    model = tiny_model(FAMILY)
+    inputs = tiny.batch(FAMILY, [[2, ("aud", 0), 3], [1, ("aud", 1), 2]])
+    seen = []
+    pruner = mmprune.get("random", keep=0.5)
+    original = pruner.select
+
+    def spy(tokens, k):
+        seen.append(tokens.token_attention)
+        return original(tokens, k)
+
+    pruner.select = spy
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    eager = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    last = eager.model.audio_tower.layers[-1].self_attn
+    weights = []
+    forward = omni.eager_attention_forward
+
+    def record(module, *args, **kwargs):
+        out, w = forward(module, *args, **kwargs)
+        if module is last:
+            weights.append(w[0].mean(1))  # (heads, positions) per chunk
+        return out, w
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(omni, "eager_attention_forward", record)
+        eager(**inputs)
+    received = torch.cat(weights, dim=1)  # clip 0: 2 chunks of 50 positions; clip 1: one chunk of 50
+    for clip, (start, tokens) in enumerate([(0, 50), (100, 25)]):
+        expected = received[:, start:start + 2 * tokens].reshape(-1, tokens, 2).mean(-1)
+        torch.testing.assert_close(seen[clip], expected, rtol=1e-5, atol=1e-6)

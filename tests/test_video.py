@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pruning, tiny_model
+from conftest import method_for_tiny, pruning, tiny_model
 
 import mmprune
 import tiny
@@ -72,7 +72,7 @@ def test_keep_all_reproduces_the_unpruned_model_on_videos(family, layout, method
     with torch.no_grad():
         reference_logits = model(**inputs).logits
         reference = model.generate(**inputs, **GEN) if layout != "padded right" else None
-    pruner = mmprune.get(method, keep=1.0)
+    pruner = method_for_tiny(method, keep=1.0)
     with pruner.attach(model), torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, **GEN) if layout != "padded right" else None
@@ -87,17 +87,23 @@ def test_keep_all_reproduces_the_unpruned_model_on_videos(family, layout, method
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_padded_video_batch_equals_each_sample_alone(family, method):
     model = tiny_model(family)
-    pruner = mmprune.get(method, keep=keep_for(method))
+    pruner = method_for_tiny(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
         batch_out = model.generate(**tiny.batch(family, MIXED), **GEN)
-        videos, images = final_kept(pruner.stats, "video"), final_kept(pruner.stats)
+        videos, images = trajectory(pruner.stats, "videos"), trajectory(pruner.stats, "images")
         for i, sample in enumerate(MIXED):
             alone = model.generate(**tiny.batch(family, [sample]), **GEN)
-            assert final_kept(pruner.stats, "video")[0] == videos[i]
-            assert final_kept(pruner.stats)[0] == images[i]
+            assert trajectory(pruner.stats, "videos")[0] == videos[i]
+            assert trajectory(pruner.stats, "images")[0] == images[i]
             assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch_out[i, -GEN["max_new_tokens"]:])
-    kept_video = [len(v) for sample in videos for v in sample]
-    assert kept_video and all(0 < k for k in kept_video)
+    entering = [len(kept) for sample in videos for kept, _ in sample]
+    assert entering and all(0 < k for k in entering)
+
+
+def trajectory(stats: dict, key: str) -> list:
+    """Per sample and item: the tokens entering the LLM and those kept at every in-LLM stage."""
+    return [[(item["kept"], [stage["kept"] for stage in item.get("stages", [])]) for item in sample[key]]
+            for sample in stats["samples"]]
 
 
 @pytest.mark.parametrize("method", ["evs", "fastv", "random"])

@@ -51,6 +51,7 @@ class StageLayout:
     next_positions: torch.Tensor  # (R, B) next position id per row after the stage's prompt
     position_rows: int
     carries: torch.Tensor  # (B, Lc) index (in the sequence that entered the stage) of the token each carries
+    every_layer: bool = False  # the earlier layers' caches were shrunk to this layout too (layer is then 0)
 
     @property
     def length(self) -> int:
@@ -149,13 +150,16 @@ class StageContext:
             return self.runner.current_rope()
         return self.runner.records[layer][1]
 
-    def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True, repeat: bool = True):
+    def queries_keys(self, layer: int, queries: torch.Tensor | None, rope: bool = True, repeat: bool = True,
+                     on: int | None = None):
         """Per-head queries ``(B, H, q, d)`` (rows ``queries`` ``(B, q)``; all rows when None) and keys
         ``(B, H, L, d)`` (GQA groups repeated; ``repeat=False``: the ``H_kv`` key heads) of decoder ``layer`` on its
         recorded input: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding
-        (``rope=False`` skips it, as FEATHER)."""
+        (``rope=False`` skips it, as FEATHER). ``on``: apply ``layer``'s projections to the input of decoder ``on``
+        instead (SEATS scores with the previous layer's projections on the current hidden states)."""
+        source = layer if on is None else on
         attn = upstream.attention_parts(upstream.decoder_layers(self.model)[layer])
-        hidden = attn.norm(self.layer_input(layer))
+        hidden = attn.norm(self.layer_input(source))
         batch, length, _ = hidden.shape
         head_dim = attn.head_dim
         if queries is None:
@@ -164,7 +168,7 @@ class StageContext:
         q = attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
         k = attn.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
         if rope:
-            cos, sin = upstream.rope_tables(self.model, *self._rope(layer))
+            cos, sin = upstream.rope_tables(self.model, *self._rope(source))
             # the model may have computed one (1, L) table for the whole batch
             cos, sin = cos.to(q.dtype).expand(batch, -1, -1), sin.to(q.dtype).expand(batch, -1, -1)
             cos_q = cos.gather(1, queries.unsqueeze(-1).expand(-1, -1, cos.shape[-1])).unsqueeze(1)
@@ -186,11 +190,12 @@ class StageContext:
         return self.attention(layer, rows, rope)[sample]
 
     @torch.no_grad()
-    def attention(self, layer: int, queries: torch.Tensor, rope: bool = True) -> torch.Tensor:
+    def attention(self, layer: int, queries: torch.Tensor, rope: bool = True, on: int | None = None) -> torch.Tensor:
         """``(B, H, q, L)`` attention probabilities of rows ``queries`` ``(B, q)`` in decoder ``layer``:
         ``softmax(q k^T * scaling + causal/padding mask)`` in float32, equal to those rows of the eager
-        attention weights (the model itself keeps its attention implementation)."""
-        q, k = self.queries_keys(layer, queries, rope)
+        attention weights (the model itself keeps its attention implementation). ``on``: see
+        :meth:`queries_keys`."""
+        q, k = self.queries_keys(layer, queries, rope, on=on)
         scaling = self.scaling(layer)
         logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
         length = k.shape[2]
@@ -345,9 +350,16 @@ class LayerRunner:
             "position_embeddings": upstream.rotary_embedding(self.language_model, new_hidden, rotary_ids),
             "position_ids": layer_ids,
         }
-        self.layouts.append(StageLayout(layer=index, compact_mask=layout.compact_mask,
+        shrink = getattr(self.pruner, "shrinks_earlier_caches", False) and self.cache is not None
+        if shrink:
+            # the method's reference also removes the tokens from every earlier layer's cache: all of them held
+            # the sequence that entered this stage, and now hold what leaves it, so one layout serves every layer
+            for layer in range(index):
+                upstream.gather_cache_layer(self.cache, layer, layout.source)
+            self.layouts = []
+        self.layouts.append(StageLayout(layer=0 if shrink else index, compact_mask=layout.compact_mask,
                                         next_positions=layout.next_positions, position_rows=layout.position_rows,
-                                        carries=layout.carries))
+                                        carries=layout.carries, every_layer=shrink))
         return new_hidden
 
     def end_forward(self) -> list[StageLayout]:

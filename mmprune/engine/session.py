@@ -330,7 +330,10 @@ class PruningSession:
         query = kwargs.get("inputs_embeds")
         if query is None:
             query = kwargs.get("input_ids")
-        mask, positions = decode_inputs(layout, upstream.cache_length(cache), int(query.shape[1]),
+        length = upstream.cache_length(cache)
+        if stages and stages[-1].every_layer:  # layer 0's cache was shrunk too: count the decoded steps from it
+            length += layout.compact_length - stages[-1].length
+        mask, positions = decode_inputs(layout, length, int(query.shape[1]),
                                         kwargs.get("attention_mask"), kwargs.get("position_ids"))
         kwargs.update(attention_mask=mask, position_ids=positions)
         if self.runner is not None:

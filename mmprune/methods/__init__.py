@@ -22,6 +22,7 @@ from mmprune.methods.none import NonePruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
+from mmprune.methods.seats import SeatsPruner
 from mmprune.methods.sparsevlm import SparseVLMPruner
 from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.uniform import UniformPruner
@@ -47,6 +48,7 @@ __all__ = [
     "Pruner",
     "PyramidDropPruner",
     "RandomPruner",
+    "SeatsPruner",
     "SingleStagePruner",
     "SparseVLMPruner",
     "ToDREPruner",

@@ -78,6 +78,25 @@ class ModelAdapter:
         return self.inner
 
 
+# Queries per chunk when recomputing the attention each token receives (bounds the (heads, q, n) buffer).
+QUERY_CHUNK = 512
+
+
+def received_in_spans(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scaling: float) -> torch.Tensor:
+    """``(heads, seq)``: the mean attention each token receives from every query of its span, for a tower whose
+    attention runs inside spans (``bounds`` = its ``cu_seqlens``); ``q``, ``k`` are ``(heads, seq, d)``. Equals the
+    column means of each span's softmax(q k^T * scaling), computed a chunk of queries at a time."""
+    received = torch.zeros(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            keys = k[:, start:end].float()
+            for q0 in range(start, end, QUERY_CHUNK):
+                q1 = min(q0 + QUERY_CHUNK, end)
+                probs = (q[:, q0:q1].float() @ keys.transpose(-1, -2) * scaling).softmax(dim=-1)
+                received[:, start:end] += probs.sum(dim=1) / (end - start)
+    return received
+
+
 def capture_input(adapter: ModelAdapter, key: str) -> Callable:
     """A forward pre-hook (``with_kwargs=True``) storing the module's first input and keyword arguments in the
     adapter's current capture store (replaced at every ``get_image_features`` call)."""

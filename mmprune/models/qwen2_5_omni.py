@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from mmprune import upstream
 from mmprune.media import MediaItem, Segment
+from mmprune.models.base import capture_input, received_in_spans
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 
 # The Whisper front end gives 100 mel frames per second; the audio tower's stride-2 convolution and its 2x average
@@ -25,7 +27,9 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
     tokens flat and the adapter splits them by each clip's mel length. With ``use_audio_in_video`` the processor
     interleaves a video's grids and its audio in 2-second chunks; items are placed by their own placeholder tokens,
     so each keeps its order and kept tokens keep their slots and TMRoPE ids (``positions="original"``, the only
-    policy: the ids are 3-D).
+    policy: the ids are 3-D). An audio clip's ``token_attention`` ``(heads, N)`` is the attention each token receives
+    at the audio tower's last layer (mean over the queries of its attention chunk, recomputed from the hooked layer
+    input; the two positions the tower pools into a token averaged), the counterpart of the vision field.
 
     Speech output is refused while a method is attached: the talker reads the thinker's prompt hidden states
     (``generate(return_audio=True)`` asks the thinker for them), which pruning shortens. Attach to ``model.thinker``
@@ -42,12 +46,43 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         upstream.check_omni_layout(model)
         super().__init__(model)
 
+    def install_capture(self) -> list:
+        attention = upstream.omni_audio_attention(self.inner.audio_tower)
+        return [*super().install_capture(),
+                attention.register_forward_pre_hook(capture_input(self, "audio_in"), with_kwargs=True)]
+
     def build_items(self, modality: str, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
         if modality != "audio":
             return super().build_items(modality, output, args, kwargs)
-        return [MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
-                          token_seconds=AUDIO_TOKEN_SECONDS)
-                for embeds in upstream.audio_items(self.inner, output, args, kwargs)]
+        store = self.captured
+        after_conv, _ = self.inner.audio_tower._get_feat_extract_output_lengths(upstream.audio_lengths(args, kwargs))
+        items = []
+        for i, embeds in enumerate(upstream.audio_items(self.inner, output, args, kwargs)):
+            def lazy(i: int = i) -> torch.Tensor:
+                if "audio_attention" not in store:
+                    store["audio_attention"] = self._audio_attention(store, after_conv.tolist())
+                return store["audio_attention"][i]
+
+            items.append(MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
+                                   token_seconds=AUDIO_TOKEN_SECONDS, lazy={"token_attention": lazy}))
+        return items
+
+    def _audio_attention(self, store: dict, positions: list[int]) -> list[torch.Tensor]:
+        """Per clip, ``(heads, N)``: the mean attention each position receives from every query of its attention
+        chunk at the tower's last layer (the chunks the model attends within), averaged over the two positions the
+        tower's 2x pooling merges into each token."""
+        hidden, kwargs = store["audio_in"]
+        attn = upstream.omni_audio_attention(self.inner.audio_tower)
+        seq = hidden.shape[0]
+        with torch.no_grad():
+            q = attn.q_proj(hidden).view(seq, attn.num_heads, -1).transpose(0, 1)
+            k = attn.k_proj(hidden).view(seq, attn.num_heads, -1).transpose(0, 1)
+            received = received_in_spans(q, k, kwargs["cu_seqlens"].tolist(), attn.scaling)
+        out = []
+        for per_clip in torch.split(received, [int(n) for n in positions], dim=1):
+            tokens = per_clip.shape[1] // 2
+            out.append(per_clip[:, :2 * tokens].reshape(per_clip.shape[0], tokens, 2).mean(-1))
+        return out
 
     def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
         if setting("output_hidden_states"):

@@ -10,10 +10,7 @@ from torch import nn
 
 from mmprune import upstream
 from mmprune.media import Segment, MediaItem
-from mmprune.models.base import ModelAdapter, capture_input
-
-# Queries per chunk when recomputing the attention each token receives (bounds the (heads, q, n) buffer).
-QUERY_CHUNK = 512
+from mmprune.models.base import ModelAdapter, capture_input, received_in_spans
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -106,14 +103,7 @@ class Qwen2VLAdapter(ModelAdapter):
             cos, sin = kwargs["position_embeddings"]
             q, k = self.vision.apply_rope(q, k, cos, sin)
             q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, seq, d)
-            bounds = kwargs["cu_seqlens"].tolist()
-            received = torch.zeros(attn.num_heads, seq, dtype=torch.float32, device=hidden.device)
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                keys = k[:, start:end]
-                for q0 in range(start, end, QUERY_CHUNK):
-                    q1 = min(q0 + QUERY_CHUNK, end)
-                    probs = (q[:, q0:q1] @ keys.transpose(-1, -2) * attn.scaling).softmax(dim=-1)
-                    received[:, start:end] += probs.sum(dim=1) / (end - start)  # mean over queries
+            received = received_in_spans(q, k, kwargs["cu_seqlens"].tolist(), attn.scaling)
             # patches are grouped by merge unit (m*m consecutive patches per merged token)
             per_unit = received.view(attn.num_heads, seq // unit, unit).mean(-1)
             keys_unit = k.mean(0).view(seq // unit, unit, -1).mean(1)
