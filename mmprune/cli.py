@@ -456,8 +456,9 @@ def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> in
     if args.geometry not in GEOMETRIES:
         raise CliError(f"--geometry {args.geometry!r}: expected one of {', '.join(GEOMETRIES)}")
     batches = [positive(b, "--batches") for b in parse_list(args.batches, "--batches", int)]
+    keep_audio = None if args.keep_audio is None else parse_list(args.keep_audio, "--keep-audio", parse_keep)[0]
     rows = speed_sweep(args.geometry, methods, keeps, batches=batches, reps=args.reps,
-                       decode_steps=args.decode_steps)
+                       decode_steps=args.decode_steps, keep_audio=keep_audio)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json_module.dumps(rows, indent=1) + "\n")
@@ -511,9 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speed", action="store_true",
                        help="time methods on a random-weight model of --geometry instead of answering questions")
     bench.add_argument("--geometry", default="small",
-                       help="with --speed: small or small-video (CPU), llava-1.5-7b, llava-next-7b, qwen2.5-vl-7b or "
-                            "qwen2.5-vl-7b-video")
+                       help="with --speed: small, small-video or small-omni (CPU), llava-1.5-7b, llava-next-7b, "
+                            "qwen2.5-vl-7b, qwen2.5-vl-7b-video or qwen2.5-omni-7b")
     bench.add_argument("--batches", default="1,16", help="with --speed: comma-separated batch sizes")
+    bench.add_argument("--keep-audio", default=None,
+                       help="with --speed: the audio budget of the methods that prune audio (default: their keep)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from conftest import omni_supported
 
 import mmprune
 from mmprune.bench.sweep import SweepSettings, run_sweep, stability
@@ -253,3 +254,25 @@ def test_speed_mode_times_video_methods_on_a_video_geometry():
     by = {r["method"]: r for r in rows}
     assert by["evs"]["tokens_per_layer_last"] == 16 and by["dycoke"]["tokens_per_layer_last"] == 16 + 8
     assert "| evs | 0.5 |" in speed_markdown(rows)
+
+
+def test_speed_mode_times_audio_methods_on_an_omni_geometry():
+    """A tiny Qwen2.5-Omni thinker (12 layers, so SEATS' default stages fit: 7, 8, 9, late 10) on 4 s of audio
+    with its 8-frame video: 4 grids of 4 x 4 = 64 video tokens and 100 audio tokens, interleaved in 2-s chunks."""
+    from mmprune.bench.speed import speed_sweep
+
+    if not omni_supported():
+        pytest.skip("the Omni thinker is supported from transformers 5.21")
+    geometry = dict(TINY_GEOMETRIES["qwen2_5_vl"], family="qwen2_5_omni", video={"frames": 8, "size": 32},
+                    audio={"seconds": 4}, text=dict(TINY_GEOMETRIES["qwen2_5_vl"]["text"], num_hidden_layers=12),
+                    audio_tower={"num_mel_bins": 16, "encoder_layers": 2, "encoder_attention_heads": 4,
+                                 "encoder_ffn_dim": 64, "d_model": 32, "n_window": 50, "output_dim": 32,
+                                 "max_source_positions": 1500})
+    rows = speed_sweep(geometry, ["seats", "random", "fastv", "fastervlm"], [0.25], batches=(1,), text=8, reps=1,
+                       decode_steps=2, device="cpu", progress=False, keep_audio=0.5)
+    by = {r["method"]: r for r in rows}
+    assert [by[m]["status"] for m in ("seats", "random", "fastv")] == ["ok"] * 3
+    assert by["fastervlm"]["status"].startswith("failed: ValueError: fastervlm does not prune")
+    assert all(by[m]["visual_tokens"] == 164 and by[m]["flops_speedup"] > 1 for m in ("seats", "random", "fastv"))
+    assert by["random"]["tokens_per_layer_last"] == 16 + 50  # a quarter of the video, half of the audio
+    assert by["seats"]["tokens_per_layer_last"] == 0  # every audio and video token left before the late layer

@@ -25,6 +25,8 @@ from transformers import (
     MistralConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
 import mmprune
@@ -33,6 +35,7 @@ from mmprune.bench.flops import Geometry, prefill_flops
 from mmprune.bench.sweep import implausible, timed_pair
 
 IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
+AUDIO_TOKEN, AUDIO_START, AUDIO_END = 32004, 32005, 32006
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
           "image_size": 336, "patch_size": 14, "projection_dim": 768}
 GEOMETRIES = {
@@ -76,6 +79,34 @@ GEOMETRIES = {
         "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
                  "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
                  "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}},  # head_dim 64: sections sum to 32
+    # the Qwen2.5-Omni-7B thinker on 30 s of audio with its video at 2 fps, interleaved in 2-s chunks: 30 temporal
+    # grids of 448 px (16 x 16 merged tokens: 7680 video tokens) and 750 audio tokens
+    "qwen2.5-omni-7b": {
+        "family": "qwen2_5_omni", "video": {"frames": 60, "size": 448, "motion": 0.25}, "audio": {"seconds": 30},
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3},
+        "audio_tower": {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20,
+                        "encoder_ffn_dim": 5120, "d_model": 1280, "n_window": 100, "output_dim": 3584,
+                        "max_source_positions": 1500},
+        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+    # its CPU variant: the same 30 s at 112 px (30 grids of 4 x 4 = 480 video tokens, 750 audio tokens), a 6-layer
+    # audio tower of width 512 and the 0.5B-class decoder of "small" (24 layers, so SEATS' stages scale to
+    # 14, 15, 17 and the late removal to 20)
+    "small-omni": {
+        "family": "qwen2_5_omni", "video": {"frames": 60, "size": 112, "motion": 0.25}, "audio": {"seconds": 30},
+        "vision": {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
+                   "fullatt_block_indexes": [3, 7, 11], "in_channels": 3},
+        "audio_tower": {"num_mel_bins": 128, "encoder_layers": 6, "encoder_attention_heads": 8,
+                        "encoder_ffn_dim": 2048, "d_model": 512, "n_window": 100, "output_dim": 896,
+                        "max_source_positions": 1500},
+        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
+                 "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}},
     "small": {
         "family": "llava",
         "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -105,8 +136,19 @@ def build(spec: dict, device: torch.device, dtype: torch.dtype):
         config = Qwen2_5_VLConfig(vision_config=spec["vision"], text_config=spec["text"], video_token_id=VIDEO_TOKEN,
                                   vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, **common)
         cls = Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen2_5_omni":
+        text = {k: v for k, v in spec["text"].items() if k != "rope_scaling"}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": spec["text"].get("rope_theta", 10000.0),
+                                   "mrope_section": spec["text"]["rope_scaling"]["mrope_section"]}
+        config = Qwen2_5OmniThinkerConfig(
+            audio_config=spec["audio_tower"], vision_config=spec["vision"], text_config=text,
+            audio_token_index=AUDIO_TOKEN, image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+            audio_start_token_id=AUDIO_START, audio_end_token_id=AUDIO_END, vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END, position_id_per_seconds=25, seconds_per_chunk=2)
+        cls = Qwen2_5OmniThinkerForConditionalGeneration
     else:
-        raise ValueError(f"unknown family {family!r} in a speed geometry; expected llava, llava_next, qwen2_5_vl")
+        raise ValueError(f"unknown family {family!r} in a speed geometry; expected llava, llava_next, qwen2_5_vl, "
+                         "qwen2_5_omni")
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = cls(config)
@@ -163,8 +205,36 @@ def mostly_static(videos: int, grids: int, patches: int, patch_dim: int, motion:
     return torch.cat(out)
 
 
+def omni_inputs(spec: dict, model, batch: int, text: int, generator) -> tuple[dict, int, int, int]:
+    """A Qwen2.5-Omni prompt with a video and its audio track as the processor lays them out under
+    ``use_audio_in_video`` (per 2-s chunk: its grids' tokens, then its 50 audio tokens), at 2 fps (1 s per grid).
+    Returns (inputs, video tokens, audio tokens, vision-tower tokens per grid)."""
+    pixels, video_tokens, crop_tokens = image_inputs(spec, model, batch, generator)
+    pixels["video_second_per_grid"] = pixels.pop("second_per_grid_ts")
+    frames = 100 * spec["audio"]["seconds"]  # 100 mel frames per second
+    audio_tokens = frames // 4
+    grids = spec["video"]["frames"] // spec["vision"]["temporal_patch_size"]
+    per_grid = video_tokens // grids
+    body = []
+    for chunk in range(0, grids, 2):
+        body += [VIDEO_TOKEN] * per_grid * len(range(chunk, min(chunk + 2, grids)))
+        body += [AUDIO_TOKEN] * min(50, audio_tokens - 25 * chunk)
+    media = torch.tensor([VISION_START, AUDIO_START, *body, AUDIO_END, VISION_END]).expand(batch, -1)
+    before = torch.randint(10, 30000, (batch, text // 2), generator=generator)
+    after = torch.randint(10, 30000, (batch, text - text // 2), generator=generator)
+    ids = torch.cat([before, media, after], dim=1).to(model.device)
+    mel = model.config.audio_config.num_mel_bins
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels, "use_audio_in_video": True,
+              "input_features": torch.randn(batch, mel, frames, generator=generator).to(model.device, model.dtype),
+              "feature_attention_mask": torch.ones(batch, frames, dtype=torch.long, device=model.device)}
+    return inputs, video_tokens, audio_tokens, crop_tokens
+
+
 def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple[dict, int, int]:
     generator = torch.Generator().manual_seed(seed)
+    if spec["family"] == "qwen2_5_omni":
+        inputs, video, audio, crop_tokens = omni_inputs(spec, model, batch, text, generator)
+        return inputs, video + audio, crop_tokens
     pixels, tokens, crop_tokens = image_inputs(spec, model, batch, generator)
     before = torch.randint(10, 30000, (batch, text // 2), generator=generator)
     after = torch.randint(10, 30000, (batch, text - text // 2), generator=generator)
@@ -179,7 +249,9 @@ def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple
 
 
 def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(1, 16), text: int = 64,
-                reps: int = 3, decode_steps: int = 8, device: str | None = None, progress: bool = True) -> list[dict]:
+                reps: int = 3, decode_steps: int = 8, device: str | None = None, progress: bool = True,
+                keep_audio: int | float | None = None) -> list[dict]:
+    """Rows of measured and FLOPs-predicted speedups; ``keep_audio`` goes to the methods that prune audio."""
     spec = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
     name = geometry if isinstance(geometry, str) else "custom"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -195,17 +267,25 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
     for batch in batches:
         inputs, visual, crop_tokens = inputs_for(spec, model, batch, text)
         text_tokens = inputs["input_ids"].shape[1] - visual
-        base = prefill_flops(g, text_tokens, [visual] * g.layers, crops, visual, crop_tokens)["total"]
+        audio = (100 * spec["audio"]["seconds"],) if "audio" in spec else ()
+        projected = visual - (audio[0] // 4 if audio else 0)  # the vision merger maps the video tokens only
+
+        def flops(per_layer: list[int]) -> int:
+            return prefill_flops(g, text_tokens, per_layer, crops, projected, crop_tokens, audio_frames=audio)["total"]
+
+        base = flops([visual] * g.layers)
         for method in methods:
             for keep in keeps:
                 bar.set_postfix_str(f"batch {batch} {method} keep={keep}")
                 row = {"geometry": name, "batch": batch, "method": method, "keep": keep, "visual_tokens": visual,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "status": "ok"}
                 try:
-                    pruner = mmprune.get(method, keep=keep)
+                    extra = ({"keep_audio": keep_audio} if keep_audio is not None
+                             and mmprune.METHODS[method].prunes("audio") else {})
+                    pruner = mmprune.get(method, keep=keep, **extra)
                     speed = timed_pair(model, inputs, pruner, reference, reps, decode_steps)
                     per_layer = pruner.stats["samples"][0]["tokens_per_layer"]
-                    predicted = base / prefill_flops(g, text_tokens, per_layer, crops, visual, crop_tokens)["total"]
+                    predicted = base / flops(per_layer)
                     measured = speed["prefill_ref"] / speed["prefill"]
                     row.update(tokens_per_layer_last=per_layer[-1],
                                equivalent_tokens=sum(per_layer) / len(per_layer),
