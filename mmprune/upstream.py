@@ -233,6 +233,8 @@ class AttentionParts:
     k_proj: nn.Module
     head_dim: int
     scaling: float
+    q_norm: nn.Module  # per-head RMSNorm of queries and keys before RoPE (Qwen3); identity where absent
+    k_norm: nn.Module
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
@@ -242,7 +244,9 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
 def attention_parts(layer: nn.Module) -> AttentionParts:
     attn = layer.self_attn
     return AttentionParts(norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj,
-                          head_dim=int(attn.head_dim), scaling=float(attn.scaling))
+                          head_dim=int(attn.head_dim), scaling=float(attn.scaling),
+                          q_norm=getattr(attn, "q_norm", None) or nn.Identity(),
+                          k_norm=getattr(attn, "k_norm", None) or nn.Identity())
 
 
 def layer_attention_type(layer: nn.Module) -> str:
@@ -393,21 +397,22 @@ def onevision_videos(inner: nn.Module, output: Any, frames: int, per_frame: int)
     return videos
 
 
-OMNI_FIRST = "5.21.0"  # the Qwen2.5-Omni thinker holds its towers and decoder in .model from this release on
+OMNI_FIRST = "5.21.0"  # the Omni thinkers hold their towers and decoder in .model from this release on
 
 
 def check_omni_layout(model: nn.Module) -> None:
-    """Qwen2.5-Omni thinkers before 5.21 keep the towers on the thinker and the decoder in ``.model``; mmprune reads
-    the standard layout (``.model.audio_tower/.visual/.language_model``) and refuses the old one."""
+    """Omni thinkers (Qwen2.5-Omni, Qwen3-Omni) before 5.21 keep the towers on the thinker and the decoder in
+    ``.model``; mmprune reads the standard layout (``.model.audio_tower/.visual/.language_model``) and refuses the
+    old one."""
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, name) for name in ("audio_tower", "visual", "language_model")):
-        raise ValueError(f"{type(model).__name__}: mmprune supports the Qwen2.5-Omni thinker from transformers "
+        raise ValueError(f"{type(model).__name__}: mmprune supports the Omni thinkers from transformers "
                          f"{OMNI_FIRST} (its towers and decoder under .model); transformers {transformers_version()} "
                          "lays it out differently: upgrade transformers")
 
 
 def omni_audio_attention(tower: nn.Module) -> nn.Module:
-    """The last encoder layer's attention of Qwen2.5-Omni's audio tower (``q_proj``, ``k_proj``, ``num_heads``,
+    """The last encoder layer's attention of an Omni audio tower (``q_proj``, ``k_proj``, ``num_heads``,
     ``scaling``; called with the flat hidden states and ``cu_seqlens``)."""
     return tower.layers[-1].self_attn
 
@@ -418,17 +423,28 @@ def audio_lengths(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return mask.sum(-1) if mask is not None else kwargs.get("audio_feature_lengths", args[2] if len(args) > 2 else None)
 
 
+def audio_positions_and_tokens(tower: nn.Module, lengths: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per clip of ``lengths`` mel frames: the positions the audio tower's encoder layers run on, and the tokens it
+    outputs. Qwen2.5-Omni's tower method gives both (a 2x pooling follows the layers); Qwen3-Omni's module function
+    gives the tokens, which are the positions (no pooling)."""
+    if callable(getattr(tower, "_get_feat_extract_output_lengths", None)):
+        positions, tokens = tower._get_feat_extract_output_lengths(lengths)
+        return [int(n) for n in positions.tolist()], [int(n) for n in tokens.tolist()]
+    module = importlib.import_module(type(tower).__module__)
+    tokens = [int(n) for n in module._get_feat_extract_output_lengths(lengths).tolist()]
+    return tokens, tokens
+
+
 def audio_items(inner: nn.Module, output: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Per audio clip, its ``(tokens, hidden)`` LLM-space features: ``get_audio_features`` returns them flat in
     ``last_hidden_state``; each clip's count follows from its mel length (``feature_attention_mask``, else
-    ``audio_feature_lengths``) through the tower's ``_get_feat_extract_output_lengths``."""
+    ``audio_feature_lengths``) through :func:`audio_positions_and_tokens`."""
     lengths = audio_lengths(args, kwargs)
     features = getattr(output, "last_hidden_state", None)
     if features is None or lengths is None:
         raise mismatch("get_audio_features returns last_hidden_state and takes feature_attention_mask or "
                        "audio_feature_lengths", f"it returned {type(output).__name__} for lengths {lengths!r}")
-    _, counts = inner.audio_tower._get_feat_extract_output_lengths(lengths)
-    return list(torch.split(features, [int(c) for c in counts.tolist()]))
+    return list(torch.split(features, audio_positions_and_tokens(inner.audio_tower, lengths)[1]))
 
 
 # ---------------------------------------------------------------------------------------------- the contract
@@ -561,8 +577,10 @@ def _check_qwen_vision(adapter: Any) -> None:
 
 def _check_omni_audio(adapter: Any) -> None:
     tower = getattr(adapter.inner, "audio_tower", None)
-    _require(callable(getattr(tower, "_get_feat_extract_output_lengths", None)),
-             "the Qwen2.5-Omni audio tower has _get_feat_extract_output_lengths",
+    module = importlib.import_module(type(tower).__module__)
+    _require(callable(getattr(tower, "_get_feat_extract_output_lengths", None))
+             or callable(getattr(module, "_get_feat_extract_output_lengths", None)),
+             "the Omni audio tower (or its module) has _get_feat_extract_output_lengths",
              f"{type(tower).__name__} has none")
     attention = omni_audio_attention(tower)
     missing = [name for name in ("q_proj", "k_proj", "num_heads", "scaling") if not hasattr(attention, name)]
@@ -573,6 +591,32 @@ def _check_omni_audio(adapter: Any) -> None:
     params = _parameters(adapter.inner.get_audio_features)
     _require("feature_attention_mask" in params, "get_audio_features(input_features, feature_attention_mask, ...)",
              f"its parameters are {', '.join(params)}")
+
+
+DEEPSTACK_ARGUMENTS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def _check_deepstack(adapter: Any) -> None:
+    params = _parameters(adapter.language_model.forward)
+    missing = [name for name in DEEPSTACK_ARGUMENTS if name not in params]
+    _require(not missing, "the language model takes visual_pos_masks and deepstack_visual_embeds",
+             f"it lacks {', '.join(missing)}")
+
+
+def compact_deepstack(kwargs: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> None:
+    """DeepStack (Qwen3-VL/Omni) adds per-layer visual features at ``visual_pos_masks`` in the first decoder
+    layers: keep the mask entries and feature rows of the tokens that survived a compaction (``source``: each
+    compacted position's index in the uncompacted sequence; a merged token keeps its slot token's rows)."""
+    masks, features = (kwargs.get(name) for name in DEEPSTACK_ARGUMENTS)
+    if masks is None or features is None:
+        return
+    masks = masks.bool()
+    rows = (masks.flatten().long().cumsum(0) - 1).view_as(masks)  # each visual position's row, row-major
+    source = source.to(masks.device)
+    keep = compact_mask.to(masks.device) & masks.gather(1, source)
+    picked = rows.gather(1, source)[keep]
+    kwargs["visual_pos_masks"] = keep
+    kwargs["deepstack_visual_embeds"] = [feature[picked.to(feature.device)] for feature in features]
 
 
 ASSUMPTIONS: list[Assumption] = [
@@ -592,8 +636,10 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("LLaVA-OneVision crop count, packing, video pooling and newline", _check_onevision,
                families=("llava-onevision",)),
     Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision,
-               families=("qwen2-vl", "qwen2.5-omni")),
-    Assumption("Qwen2.5-Omni audio tower and its output lengths", _check_omni_audio, families=("qwen2.5-omni",)),
+               families=("qwen2-vl", "qwen2.5-omni", "qwen3-omni")),
+    Assumption("Omni audio tower and its output lengths", _check_omni_audio, families=("qwen2.5-omni", "qwen3-omni")),
+    Assumption("DeepStack: the language model takes visual_pos_masks and deepstack_visual_embeds", _check_deepstack,
+               families=("qwen3-omni",)),
 ]
 
 

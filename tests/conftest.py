@@ -25,7 +25,7 @@ def omni_supported() -> bool:
 
 
 def tiny_model(family: str) -> torch.nn.Module:
-    if family == "qwen2_5_omni" and not omni_supported():
+    if family in ("qwen2_5_omni", "qwen3_omni") and not omni_supported():
         pytest.skip(f"Qwen2.5-Omni thinkers are supported from transformers {mmprune.upstream.OMNI_FIRST} "
                     "(tests/test_omni.py checks the refusal on older releases)")
     if family not in _models:

@@ -119,3 +119,12 @@ def test_the_omni_audio_tower_is_counted_per_chunk_by_hand():
     base = prefill_flops(g, 5, [10] * 4, crops=0, visual_before=0, tokens_per_crop=0)
     with_audio = prefill_flops(g, 5, [10] * 4, crops=0, visual_before=0, tokens_per_crop=0, audio_frames=(250, 100))
     assert with_audio["vision"] - base["vision"] == expected + audio_flops(g, 100)
+
+
+def test_models_the_flops_model_does_not_cover_are_refused():
+    from conftest import omni_supported
+
+    if not omni_supported():
+        pytest.skip("the Omni thinkers are supported from transformers 5.21")
+    with pytest.raises(ValueError, match=r"does not cover Qwen3OmniMoeThinkerConfig yet"):
+        Geometry.from_config(tiny_model("qwen3_omni").config)

@@ -12,6 +12,7 @@ import tiny
 from mmprune.engine.session import final_kept
 
 FAMILY = "qwen2_5_omni"
+OMNI = ["qwen2_5_omni", "qwen3_omni"]
 GEN = dict(max_new_tokens=3, do_sample=False)
 AUDIO_METHODS = sorted(name for name, cls in mmprune.METHODS.items() if cls.prunes("audio"))
 
@@ -37,19 +38,21 @@ def interleaved() -> dict:
 
 
 LAYOUTS = {
-    "audio only": lambda: tiny.batch(FAMILY, [[3, ("aud", 0), 4]]),
-    "video only": lambda: tiny.batch(FAMILY, [[3, ("vid", 0), 4]]),
-    "audio in video": interleaved,
-    "image + audio": lambda: tiny.batch(FAMILY, [[2, ("img", 0), 3, ("aud", 1), 2]]),
-    "padded batch": lambda: tiny.batch(FAMILY, [[2, ("aud", 0), 3], [4, ("img", 1), 1, ("aud", 1), 2]]),
+    "audio only": lambda family: tiny.batch(family, [[3, ("aud", 0), 4]]),
+    "video only": lambda family: tiny.batch(family, [[3, ("vid", 0), 4]]),
+    "audio in video": lambda family: interleaved(),
+    "image + audio": lambda family: tiny.batch(family, [[2, ("img", 0), 3, ("aud", 1), 2]]),
+    "padded batch": lambda family: tiny.batch(family, [[2, ("aud", 0), 3], [4, ("img", 1), 1, ("aud", 1), 2]]),
 }
+CASES = [(family, layout) for family in OMNI for layout in LAYOUTS
+         if not (family == "qwen3_omni" and layout == "audio in video")]  # Qwen3 interleaves token by token
 
 
 @pytest.mark.parametrize("method", AUDIO_METHODS + ["none"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_keep_all_reproduces_the_unpruned_thinker(layout, method):
-    model = tiny_model(FAMILY)
-    inputs = LAYOUTS[layout]()
+@pytest.mark.parametrize("family, layout", CASES)
+def test_keep_all_reproduces_the_unpruned_thinker(family, layout, method):
+    model = tiny_model(family)
+    inputs = LAYOUTS[layout](family)
     with torch.no_grad():
         reference = model.generate(**inputs, **GEN)
         logits = model(**inputs).logits
@@ -60,19 +63,21 @@ def test_keep_all_reproduces_the_unpruned_thinker(layout, method):
 
 
 @pytest.mark.parametrize("method", AUDIO_METHODS)
-def test_a_padded_batch_equals_each_sample_alone(method):
-    model = tiny_model(FAMILY)
+@pytest.mark.parametrize("family", OMNI)
+def test_a_padded_batch_equals_each_sample_alone(family, method):
+    model = tiny_model(family)
     samples = [[2, ("aud", 0), 3], [4, ("img", 1), 1, ("aud", 1), 2], [1, ("vid", 1), 2, ("aud", 2), 1]]
     pruner = method_for_tiny(method, keep=0.5, keep_audio=0.4)
     with pruner.attach(model), torch.no_grad():
-        batch = model.generate(**tiny.batch(FAMILY, samples), **GEN)
+        batch = model.generate(**tiny.batch(family, samples), **GEN)
         audios = final_kept(pruner.stats, "audio")
         for i, sample in enumerate(samples):
-            alone = model.generate(**tiny.batch(FAMILY, [sample]), **GEN)
+            alone = model.generate(**tiny.batch(family, [sample]), **GEN)
             assert final_kept(pruner.stats, "audio")[0] == audios[i]
             assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch[i, -GEN["max_new_tokens"]:])
-    if pruner.stage == "pre-llm":
-        assert [len(kept) for sample in audios for kept in sample] == [20, 10, 20]  # round(0.4 * 50), (0.4 * 25)
+    if pruner.stage == "pre-llm":  # round(0.4 n) of each clip
+        assert [len(kept) for sample in audios for kept in sample] == [
+            round(0.4 * tiny.tokens_per_audio(i, family)) for i in (0, 1, 2)]
 
 
 def test_interleaved_audio_and_video_keep_their_order_and_tmrope_ids():
@@ -163,7 +168,7 @@ def test_releases_before_the_standard_thinker_layout_are_refused_at_attach():
     if omni_supported():
         pytest.skip("this transformers lays the thinker out as mmprune reads it")
     model = tiny.qwen2_5_omni()
-    with pytest.raises(ValueError, match=r"supports the Qwen2.5-Omni thinker from transformers 5.21.0"):
+    with pytest.raises(ValueError, match=r"supports the Omni thinkers from transformers 5.21.0"):
         mmprune.get("random").attach(model)
 
 
@@ -216,3 +221,54 @@ def test_audio_token_attention_is_the_last_audio_layers_received_attention():
     for clip, (start, tokens) in enumerate([(0, 50), (100, 25)]):
         expected = received[:, start:start + 2 * tokens].reshape(-1, tokens, 2).mean(-1)
         torch.testing.assert_close(seen[clip], expected, rtol=1e-5, atol=1e-6)
+
+
+
+def test_deepstack_features_follow_the_kept_visual_tokens():
+    """Qwen3-Omni: the decoder receives DeepStack rows only for the visual tokens that entered it, in order, and
+    its visual mask marks exactly their positions."""
+    model = tiny_model("qwen3_omni")
+    inputs = tiny.batch("qwen3_omni", [[2, ("img", 0), 3, ("vid", 1), 2], [1, ("img", 1), 4]])
+    seen = []
+
+    def run(attached) -> None:  # what the decoder receives (hooked after mmprune's own hook)
+        lm = model.model.language_model
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(
+            (k["visual_pos_masks"].clone(), [f.clone() for f in k["deepstack_visual_embeds"]])), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            handle.remove()
+
+    run(None)
+    pruner = mmprune.get("random", keep=0.5)
+    with pruner.attach(model):
+        run(pruner)
+    (full_mask, full_rows), (mask, rows) = seen
+    kept_rows, offset = [], 0  # the full-prompt row of every kept visual token, in sequence order
+    for sample, stats in enumerate(pruner.stats["samples"]):
+        ids = inputs["input_ids"][sample]
+        visual = torch.nonzero(full_mask[sample]).reshape(-1).tolist()  # positions of the row's visual tokens
+        kept = set()
+        for token, key in ((tiny.IMAGE_TOKEN, "images"), (tiny.VIDEO_TOKEN, "videos")):
+            spans = iter(torch.nonzero(ids == token).reshape(-1).tolist())
+            for entry in stats[key]:
+                item = [next(spans) for _ in range(entry["before"])]
+                kept |= {item[k] for k in entry["kept"]}
+        kept_rows += [offset + ordinal for ordinal, position in enumerate(visual) if position in kept]
+        offset += len(visual)
+    assert int(mask.sum()) == len(kept_rows) == sum(e["after"] for s in pruner.stats["samples"]
+                                                   for e in s["images"] + s["videos"])
+    for full, pruned in zip(full_rows, rows):
+        torch.testing.assert_close(pruned, full[kept_rows])
+
+
+def test_a_stage_inside_the_deepstack_layers_is_refused():
+    model = tiny.qwen3_omni(deepstack=(0, 1))  # DeepStack adds features after decoder layers 0 and 1
+    with pytest.raises(ValueError, match=r"fastv: a stage at layer 1 is inside the DeepStack layers 0..1 of "
+                                         r"qwen3-omni"):
+        with mmprune.get("fastv", layer=1).attach(model), torch.no_grad():
+            model(**tiny.batch("qwen3_omni", [[2, ("img", 0), 3]]))
+    with mmprune.get("fastv", layer=2).attach(model), torch.no_grad():
+        model(**tiny.batch("qwen3_omni", [[2, ("img", 0), 3]]))  # after them: allowed

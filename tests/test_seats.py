@@ -27,6 +27,8 @@ def test_the_schedule_solver_gives_the_reference_ratios_whatever_the_target(laye
 
 def test_the_default_stages_scale_with_depth():
     assert SeatsPruner().schedule_layers(28) == ([16, 18, 20], 23)
+    assert SeatsPruner().schedule_layers(48) == ([27, 31, 35], 39)  # the reference's Qwen3-Omni-30B config
+    assert SeatsPruner().schedule_layers(24) == ([14, 15, 17], 20)
     with pytest.raises(ValueError, match=r"must increase strictly within 1..3 for a 4-layer language model"):
         SeatsPruner().schedule_layers(4)
 

@@ -20,6 +20,8 @@ from transformers import (
     Qwen2Config,
     Qwen2_5OmniThinkerConfig,
     Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen3OmniMoeThinkerConfig,
+    Qwen3OmniMoeThinkerForConditionalGeneration,
     SiglipVisionConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -122,12 +124,38 @@ def qwen2_5_omni(seed: int = 0) -> Qwen2_5OmniThinkerForConditionalGeneration:
     return model
 
 
+def qwen3_omni(seed: int = 0, deepstack: tuple[int, ...] = (0,)) -> Qwen3OmniMoeThinkerForConditionalGeneration:
+    """A tiny Qwen3-Omni thinker: MoE decoder (4 experts, 2 active, per-head q/k norms), a vision tower without
+    windows whose block ``deepstack`` outputs feed DeepStack (one layer by default, so every stage layer >= 1 is
+    allowed), an audio tower downsampling 8x (13 tokens per 100 mel frames)."""
+    torch.manual_seed(seed)
+    cfg = Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          d_model=32, n_window=50, output_dim=32, max_source_positions=1500,
+                          downsample_hidden_size=8, n_window_infer=100, conv_chunksize=500),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           deepstack_visual_indexes=list(deepstack), num_position_embeddings=64),
+        text_config=_text(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                           "mrope_interleaved": True}),
+        audio_token_id=AUDIO_TOKEN, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        audio_start_token_id=AUDIO_START, audio_end_token_id=AUDIO_END, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, position_id_per_seconds=13)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # placeholders never generated (see qwen2_5_omni)
+        model.lm_head.weight[AUDIO_END:] = 0
+    return model
+
+
 def audio_frames(audio_id: int) -> int:
     """Mel frames of audio ``audio_id``: 2 s (200 frames, 50 tokens) for even ids, 1 s (100, 25) for odd ones."""
     return 200 if audio_id % 2 == 0 else 100
 
 
-def tokens_per_audio(audio_id: int) -> int:
+def tokens_per_audio(audio_id: int, family: str = "qwen2_5_omni") -> int:
+    if family == "qwen3_omni":  # 13 tokens per 100 mel frames
+        return 13 * audio_frames(audio_id) // 100
     return audio_frames(audio_id) // 4
 
 
@@ -166,7 +194,7 @@ def video_pixels(family: str, video_id: int) -> dict:
     h, w = (8, 8) if video_id % 2 == 0 else (8, 12)
     out = {"pixel_values_videos": torch.randn(2 * h * w, 3 * 2 * 4 * 4, generator=g),
            "video_grid_thw": torch.tensor([[2, h, w]])}
-    if family in ("qwen2_5_vl", "qwen2_5_omni"):
+    if family in ("qwen2_5_vl", "qwen2_5_omni", "qwen3_omni"):
         out["second_per_grid_ts"] = torch.tensor([1.0])
     return out
 
@@ -196,7 +224,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
         ids: list[int] = []
         for part in sample:
             if isinstance(part, tuple) and part[0] == "aud":
-                ids += [AUDIO_START] + [AUDIO_TOKEN] * tokens_per_audio(part[1]) + [AUDIO_END]
+                ids += [AUDIO_START] + [AUDIO_TOKEN] * tokens_per_audio(part[1], family) + [AUDIO_END]
                 audios.append(audio_features(part[1]))
             elif isinstance(part, tuple) and part[0] == "vid":
                 run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
@@ -226,7 +254,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
         out["input_features"] = torch.stack([F.pad(a, (0, longest - a.shape[1])) for a in audios])
         out["feature_attention_mask"] = torch.stack(
             [(torch.arange(longest) < a.shape[1]).long() for a in audios])
-    if family == "qwen2_5_omni":
+    if family in ("qwen2_5_omni", "qwen3_omni"):
         if "second_per_grid_ts" in out:
             out["video_second_per_grid"] = out.pop("second_per_grid_ts")
     elif qwen:
@@ -251,4 +279,5 @@ BUILDERS = {
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
     "qwen2_5_omni": qwen2_5_omni,
+    "qwen3_omni": qwen3_omni,
 }

@@ -154,7 +154,8 @@ class StageContext:
                      on: int | None = None):
         """Per-head queries ``(B, H, q, d)`` (rows ``queries`` ``(B, q)``; all rows when None) and keys
         ``(B, H, L, d)`` (GQA groups repeated; ``repeat=False``: the ``H_kv`` key heads) of decoder ``layer`` on its
-        recorded input: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` and rotary embedding
+        recorded input: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` (and Qwen3's per-head
+        ``q_norm``/``k_norm``) and rotary embedding
         (``rope=False`` skips it, as FEATHER). ``on``: apply ``layer``'s projections to the input of decoder ``on``
         instead (SEATS scores with the previous layer's projections on the current hidden states)."""
         source = layer if on is None else on
@@ -165,8 +166,8 @@ class StageContext:
         if queries is None:
             queries = torch.arange(length, device=hidden.device).expand(batch, -1)
         picked = hidden.gather(1, queries.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        q = attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        q = attn.q_norm(attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(hidden).view(batch, length, -1, head_dim)).transpose(1, 2)
         if rope:
             cos, sin = upstream.rope_tables(self.model, *self._rope(source))
             # the model may have computed one (1, L) table for the whole batch
@@ -262,6 +263,12 @@ class LayerRunner:
                     not 0 <= c <= prev for c, prev in zip(image_counts, [track.count, *image_counts])):
                 raise ValueError(f"{self.pruner.name}: schedule {image_counts} for an image of {track.count} "
                                  f"tokens must give one non-increasing count per stage {layers}")
+        early = [layer for layer in layers if layer < self.adapter.deepstack_layers]
+        if early:
+            raise ValueError(f"{self.pruner.name}: a stage at layer {early[0]} is inside the DeepStack layers "
+                             f"0..{self.adapter.deepstack_layers - 1} of {self.adapter.family}, which add visual "
+                             f"features at the visual positions; stage layers must be >= {self.adapter.deepstack_layers}"
+                             " (pass layers=/layer= accordingly)")
         self.stage_layers = layers
         self.watch = set(self.pruner.watch(self.num_layers, layers))
         return counts

@@ -314,6 +314,8 @@ class PruningSession:
             self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
             self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
+        if not layout.identity:
+            self.adapter.compact_language_model_kwargs(kwargs, layout.source, layout.compact_mask)
         self._output_index = layout.carries.masked_fill(~layout.compact_mask, -1)
         self.pruner._stats = self._stats(spans, items, selection_ms)
         if self.runner is not None:

@@ -16,6 +16,8 @@ from mmprune.methods.params import Bool, Float, Int, Layers, param
 PAPER_DEPTH = 28  # Qwen2.5-Omni-7B, the depth of the reference's default schedule
 PAPER_LAYERS = (16, 18, 20)  # tokens leave before these 0-indexed layers
 PAPER_LATE = 23  # every audio and video token leaves before this one
+# the reference's own configs: {depth: (drop layers, late layer)} (seats/config.yaml, config_qwen3_30b.yaml)
+REFERENCE_SCHEDULES = {28: ([16, 18, 20], 23), 48: ([27, 31, 35], 39)}
 AUDIO_TOKENS_PER_SECOND = 25
 
 
@@ -97,7 +99,8 @@ class SeatsPruner(HybridPruner):
          ``audio_window_seconds`` of audio (50 tokens). Within a window, greedy max-min diversity on the LLM-input
          embeddings with distances weighted by each token's encoder attention (the video tower's last block, the
          audio tower's last layer: the attention a token receives, mean over heads).
-      2. **Inside the LLM**, before layers 16, 18, 20 of 28 (``layers``; scaled to the model's depth): each
+      2. **Inside the LLM**, before layers 16, 18, 20 of 28 (27, 31, 35 of 48: the reference's Qwen3-Omni config;
+         other depths scale the 28-layer schedule; ``layers`` overrides): each
          modality keeps the ratio the schedule solver gives (drop amounts growing as ``e^i``; with the pre-LLM level
          at 1.4 R the ratios are 0.9298, 0.7949, 0.2986 for 28 layers whatever R). The score is the last prompt
          token's attention (mean over heads) computed with the *previous* layer's norm, q/k projections and RoPE on
@@ -107,7 +110,7 @@ class SeatsPruner(HybridPruner):
          [1, size], repaired to the exact total) and split between its video and audio by demand, each present
          modality keeping one; then the top-scored tokens of each window and modality stay. One window or one
          modality: a global top-k per modality.
-      3. **Late**: before layer 23 of 28 (``late_layer``), every audio and video token leaves.
+      3. **Late**: before layer 23 of 28 (39 of 48; ``late_layer``), every audio and video token leaves.
     ``shrink_earlier_caches=True`` (the reference) also removes the dropped tokens from the KV cache of every earlier
     layer, so decoding attends to the final kept tokens only (after the late layer: text only); ``False`` keeps
     mmprune's per-layer cache (each layer keeps the tokens that entered it: more memory, the prefill's own view).
@@ -165,9 +168,11 @@ class SeatsPruner(HybridPruner):
         return self.keeps_all("video") and self.keeps_all("audio")
 
     def schedule_layers(self, num_layers: int) -> tuple[list[int], int]:
-        layers = (list(self.layers) if self.layers is not None
-                  else [round(layer * num_layers / PAPER_DEPTH) for layer in PAPER_LAYERS])
-        late = self.late_layer if self.late_layer is not None else round(PAPER_LATE * num_layers / PAPER_DEPTH)
+        default_layers, default_late = REFERENCE_SCHEDULES.get(num_layers, (
+            [round(layer * num_layers / PAPER_DEPTH) for layer in PAPER_LAYERS],
+            round(PAPER_LATE * num_layers / PAPER_DEPTH)))
+        layers = list(self.layers) if self.layers is not None else default_layers
+        late = self.late_layer if self.late_layer is not None else default_late
         stages = [*layers, late]
         if stages != sorted(set(stages)) or stages[0] < 1 or late >= num_layers:
             raise ValueError(f"seats: drop layers {layers} and late layer {late} must increase strictly within "

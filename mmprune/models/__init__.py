@@ -9,11 +9,12 @@ from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import LlavaNextAdapter
 from mmprune.models.llava_next_video import LlavaNextVideoAdapter
 from mmprune.models.llava_onevision import LlavaOnevisionAdapter
-from mmprune.models.qwen2_5_omni import Qwen2_5OmniAdapter
+from mmprune.models.qwen2_5_omni import Qwen2_5OmniAdapter, Qwen3OmniAdapter
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
-                                     Qwen2VLAdapter, Qwen2_5OmniAdapter]
+                                     Qwen2VLAdapter, Qwen2_5OmniAdapter,
+                                     Qwen3OmniAdapter]
 
 
 def supported_families() -> list[str]:

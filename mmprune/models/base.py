@@ -57,6 +57,14 @@ class ModelAdapter:
     def annotate(self, items: list[MediaItem], arguments: dict) -> None:
         """Fill what only the multimodal forward's arguments tell (e.g. a video's seconds per grid)."""
 
+    # decoder layers that receive per-layer visual features at visual positions (DeepStack); no stage may drop
+    # tokens before the last of them
+    deepstack_layers: int = 0
+
+    def compact_language_model_kwargs(self, kwargs: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> None:
+        """Bring family-specific language-model arguments in line with a pre-LLM compaction (``source``: each
+        compacted position's index in the uncompacted sequence)."""
+
     def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
         """Family-specific generate() settings the engine cannot follow (``setting(name)`` reads one); each entry
         says what and why."""

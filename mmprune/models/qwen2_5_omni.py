@@ -41,6 +41,8 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration",)
     modalities = ("image", "video", "audio")
     seconds_argument = "video_second_per_grid"
+    audio_token_seconds = AUDIO_TOKEN_SECONDS
+    audio_pool = 2  # encoder positions averaged into one audio token
 
     def __init__(self, model: nn.Module) -> None:
         upstream.check_omni_layout(model)
@@ -55,22 +57,22 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         if modality != "audio":
             return super().build_items(modality, output, args, kwargs)
         store = self.captured
-        after_conv, _ = self.inner.audio_tower._get_feat_extract_output_lengths(upstream.audio_lengths(args, kwargs))
+        positions, _ = upstream.audio_positions_and_tokens(self.inner.audio_tower, upstream.audio_lengths(args, kwargs))
         items = []
         for i, embeds in enumerate(upstream.audio_items(self.inner, output, args, kwargs)):
             def lazy(i: int = i) -> torch.Tensor:
                 if "audio_attention" not in store:
-                    store["audio_attention"] = self._audio_attention(store, after_conv.tolist())
+                    store["audio_attention"] = self._audio_attention(store, positions)
                 return store["audio_attention"][i]
 
             items.append(MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
-                                   token_seconds=AUDIO_TOKEN_SECONDS, lazy={"token_attention": lazy}))
+                                   token_seconds=self.audio_token_seconds, lazy={"token_attention": lazy}))
         return items
 
     def _audio_attention(self, store: dict, positions: list[int]) -> list[torch.Tensor]:
         """Per clip, ``(heads, N)``: the mean attention each position receives from every query of its attention
-        chunk at the tower's last layer (the chunks the model attends within), averaged over the two positions the
-        tower's 2x pooling merges into each token."""
+        chunk at the tower's last layer (the chunks the model attends within), averaged over the positions the tower
+        pools into each token (2 on Qwen2.5-Omni; Qwen3-Omni does not pool)."""
         hidden, kwargs = store["audio_in"]
         attn = upstream.omni_audio_attention(self.inner.audio_tower)
         seq = hidden.shape[0]
@@ -79,9 +81,10 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
             k = attn.k_proj(hidden).view(seq, attn.num_heads, -1).transpose(0, 1)
             received = received_in_spans(q, k, kwargs["cu_seqlens"].tolist(), attn.scaling)
         out = []
-        for per_clip in torch.split(received, [int(n) for n in positions], dim=1):
-            tokens = per_clip.shape[1] // 2
-            out.append(per_clip[:, :2 * tokens].reshape(per_clip.shape[0], tokens, 2).mean(-1))
+        for per_clip in torch.split(received, positions, dim=1):
+            pool = self.audio_pool
+            tokens = per_clip.shape[1] // pool
+            out.append(per_clip[:, :pool * tokens].reshape(per_clip.shape[0], tokens, pool).mean(-1))
         return out
 
     def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
@@ -89,3 +92,27 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
             return ["output_hidden_states=True (speech output: the talker reads the thinker's prompt hidden states, "
                     "which pruning shortens; generate text with return_audio=False)"]
         return []
+
+
+class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
+    """The Qwen3-Omni thinker (``Qwen3OmniMoeThinkerForConditionalGeneration``, MoE decoder; text output).
+
+    As Qwen2.5-Omni, with: a vision tower without windows whose intermediate blocks feed **DeepStack** (per-layer
+    visual features added at the visual positions after each of the first ``len(deepstack_visual_indexes)``
+    decoder layers); an audio tower downsampling 8x with no pooling (13 tokens per 100 mel frames); audio
+    interleaved with a video token by token in time order. Pre-LLM pruning keeps each surviving visual token's
+    DeepStack rows (a merged token, its slot token's rows); an in-LLM stage inside the DeepStack layers is refused.
+    The attention rows in-LLM methods recompute apply Qwen3's per-head ``q_norm``/``k_norm``.
+    """
+
+    family = "qwen3-omni"
+    model_classes = ("Qwen3OmniMoeThinkerForConditionalGeneration",)
+    audio_token_seconds = 1 / 13
+    audio_pool = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.deepstack_layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def compact_language_model_kwargs(self, kwargs: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> None:
+        upstream.compact_deepstack(kwargs, source, compact_mask)
