@@ -38,6 +38,7 @@ def parse_keep(text: str) -> int | float:
 GENERIC_HELP = {
     "keep": "the budget: an int (tokens) or a float in (0, 1] (fraction)",
     "positions": "'renumber', 'original' or None (the family's reference behaviour)",
+    "keep_audio": "the audio budget, counted as keep is (None: keep)",
 }
 
 

@@ -38,7 +38,7 @@ class Pruner:
 
     keep: int | float = field(default=0.25, metadata={"help": "the budget (see keep_means)"})
     keep_audio: int | float | None = field(default=None, metadata={
-        "help": "the audio budget, counted as keep is (None: keep); methods that prune audio only"})
+        "help": "the audio budget, counted as keep is (None: keep); only on methods that prune audio"})
     positions: str | None = field(default=None, metadata={
         "help": "position ids of the tokens that stay: 'renumber', 'original', or None (the family's reference)"})
 
