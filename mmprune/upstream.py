@@ -636,10 +636,10 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("LLaVA-OneVision crop count, packing, video pooling and newline", _check_onevision,
                families=("llava-onevision",)),
     Assumption("Qwen2-VL vision block, rope and window helpers", _check_qwen_vision,
-               families=("qwen2-vl", "qwen2.5-omni", "qwen3-omni")),
+               families=("qwen2-vl", "qwen2.5-omni", "qwen3-omni", "qwen3-vl")),
     Assumption("Omni audio tower and its output lengths", _check_omni_audio, families=("qwen2.5-omni", "qwen3-omni")),
     Assumption("DeepStack: the language model takes visual_pos_masks and deepstack_visual_embeds", _check_deepstack,
-               families=("qwen3-omni",)),
+               families=("qwen3-omni", "qwen3-vl")),
 ]
 
 

@@ -14,7 +14,7 @@ from mmprune import upstream
 from mmprune.engine.session import final_kept
 
 QWEN = ["qwen2_vl", "qwen2_5_vl"]
-FAMILIES = QWEN + ["llava_next_video", "llava_onevision"]
+FAMILIES = QWEN + ["qwen3_vl", "llava_next_video", "llava_onevision"]
 VIDEO_METHODS = pruning("video")
 GEN = dict(max_new_tokens=3, do_sample=False)
 VIDEO = [[3, ("vid", 0), 4]]

@@ -22,6 +22,8 @@ from transformers import (
     Qwen2_5OmniThinkerForConditionalGeneration,
     Qwen3OmniMoeThinkerConfig,
     Qwen3OmniMoeThinkerForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -148,6 +150,21 @@ def qwen3_omni(seed: int = 0, deepstack: tuple[int, ...] = (0,)) -> Qwen3OmniMoe
     return model
 
 
+def qwen3_vl(seed: int = 0) -> Qwen3VLForConditionalGeneration:
+    """A tiny Qwen3-VL: the vision tower of ``qwen3_omni`` (DeepStack after decoder layer 0), a dense decoder with
+    per-head q/k norms and interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0], num_position_embeddings=64),
+        text_config=_text(head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                       "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END)
+    return Qwen3VLForConditionalGeneration(cfg).eval()
+
+
 def audio_frames(audio_id: int) -> int:
     """Mel frames of audio ``audio_id``: 2 s (200 frames, 50 tokens) for even ids, 1 s (100, 25) for odd ones."""
     return 200 if audio_id % 2 == 0 else 100
@@ -226,6 +243,12 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
             if isinstance(part, tuple) and part[0] == "aud":
                 ids += [AUDIO_START] + [AUDIO_TOKEN] * tokens_per_audio(part[1], family) + [AUDIO_END]
                 audios.append(audio_features(part[1]))
+            elif isinstance(part, tuple) and part[0] == "vid" and family == "qwen3_vl":
+                # Qwen3-VL's layout: each temporal grid after a timestamp (a text token), in its own vision span
+                per_grid = tokens_per_video(family, part[1]) // 2
+                for grid in range(2):
+                    ids += [60 + grid, VISION_START] + [VIDEO_TOKEN] * per_grid + [VISION_END]
+                videos.append(video_pixels(family, part[1]))
             elif isinstance(part, tuple) and part[0] == "vid":
                 run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
                 ids += [VISION_START] + run + [VISION_END] if qwen else run
@@ -280,4 +303,5 @@ BUILDERS = {
     "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, v25=True),
     "qwen2_5_omni": qwen2_5_omni,
     "qwen3_omni": qwen3_omni,
+    "qwen3_vl": qwen3_vl,
 }

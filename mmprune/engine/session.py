@@ -69,6 +69,7 @@ class PruningSession:
         self._shadowed: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value)
         self._generating = 0  # depth of model.generate calls in flight
         self._items: dict[str, list[MediaItem]] = {}  # per modality, what the encoders produced for this forward
+        self._encoding: str | None = None  # the modality whose encoder is running (nested encoder calls belong to it)
         self._arguments: dict = {}  # the multimodal forward's arguments (the adapter reads per-item extras)
         self._input_ids: torch.Tensor | None = None
         self._layouts: dict[int, tuple[weakref.ref, Layout, list[StageLayout]]] = {}
@@ -93,9 +94,15 @@ class PruningSession:
             # functools.wraps keeps the signature visible: generate() inspects it to pre-encode the media.
             @functools.wraps(encoder)
             def encode(*args: Any, **kwargs: Any) -> Any:
+                if self._encoding is not None:  # called by another encoder (Qwen3-VL encodes videos as images)
+                    return encoder(*args, **kwargs)
                 self._refuse_unpruned({modality})
                 adapter.captured = {}  # a fresh store per call; the items' lazy fields keep a reference to it
-                output = encoder(*args, **kwargs)
+                self._encoding = modality
+                try:
+                    output = encoder(*args, **kwargs)
+                finally:
+                    self._encoding = None
                 self._items[modality] = adapter.build_items(modality, output, args, kwargs)
                 return output
 

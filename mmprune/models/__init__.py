@@ -11,10 +11,11 @@ from mmprune.models.llava_next_video import LlavaNextVideoAdapter
 from mmprune.models.llava_onevision import LlavaOnevisionAdapter
 from mmprune.models.qwen2_5_omni import Qwen2_5OmniAdapter, Qwen3OmniAdapter
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
+from mmprune.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
                                      Qwen2VLAdapter, Qwen2_5OmniAdapter,
-                                     Qwen3OmniAdapter]
+                                     Qwen3OmniAdapter, Qwen3VLAdapter]
 
 
 def supported_families() -> list[str]:

@@ -12,6 +12,7 @@ from mmprune import upstream
 from mmprune.media import MediaItem, Segment
 from mmprune.models.base import capture_input, received_in_spans
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
+from mmprune.models.qwen3_vl import DeepStackMixin
 
 # The Whisper front end gives 100 mel frames per second; the audio tower's stride-2 convolution and its 2x average
 # pooling leave one token per 4 frames.
@@ -94,7 +95,7 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         return []
 
 
-class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
+class Qwen3OmniAdapter(DeepStackMixin, Qwen2_5OmniAdapter):
     """The Qwen3-Omni thinker (``Qwen3OmniMoeThinkerForConditionalGeneration``, MoE decoder; text output).
 
     As Qwen2.5-Omni, with: a vision tower without windows whose intermediate blocks feed **DeepStack** (per-layer
@@ -112,7 +113,4 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.deepstack_layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
-
-    def compact_language_model_kwargs(self, kwargs: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> None:
-        upstream.compact_deepstack(kwargs, source, compact_mask)
+        self.deepstack_layers = self.deepstack_count()
