@@ -231,7 +231,7 @@ def test_deepstack_features_follow_the_kept_visual_tokens():
     inputs = tiny.batch("qwen3_omni", [[2, ("img", 0), 3, ("vid", 1), 2], [1, ("img", 1), 4]])
     seen = []
 
-    def run(attached) -> None:  # what the decoder receives (hooked after mmprune's own hook)
+    def run() -> None:  # what the decoder receives (hooked after mmprune's own hook)
         lm = model.model.language_model
         handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(
             (k["visual_pos_masks"].clone(), [f.clone() for f in k["deepstack_visual_embeds"]])), with_kwargs=True)
@@ -241,10 +241,10 @@ def test_deepstack_features_follow_the_kept_visual_tokens():
         finally:
             handle.remove()
 
-    run(None)
+    run()
     pruner = mmprune.get("random", keep=0.5)
     with pruner.attach(model):
-        run(pruner)
+        run()
     (full_mask, full_rows), (mask, rows) = seen
     kept_rows, offset = [], 0  # the full-prompt row of every kept visual token, in sequence order
     for sample, stats in enumerate(pruner.stats["samples"]):
