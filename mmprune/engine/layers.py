@@ -10,7 +10,8 @@ One forward pre-hook per decoder layer. During a pruned prefill:
   (:meth:`StageContext.attention`) while the model keeps SDPA/FlashAttention.
 
 During decoding, every layer whose cache was shortened gets the mask for its own cache length and, when positions
-are renumbered, its own position ids.
+are renumbered, its own position ids. A method with ``shrinks_earlier_caches`` (SEATS' reference behaviour) also cuts
+every earlier layer's cache at each stage, so all layers then share the last stage's layout.
 """
 
 from __future__ import annotations
