@@ -123,6 +123,7 @@ def test_audio_stats_give_seconds_and_a_per_modality_layer_count():
     sample = pruner.stats["samples"][0]
     (audio,) = sample["audios"]
     assert audio["modality"] == "audio" and audio["before"] == 50 and audio["seconds"] == pytest.approx(2.0)
+    assert audio["token_seconds"] == pytest.approx(0.04)
     assert audio["segments"] == [[0, 1, 50, False]]
     by_modality = sample["tokens_per_layer_by_modality"]
     assert by_modality["audio"] == [50, 50, 10, 10] and by_modality["image"] == [16, 16, 8, 8]

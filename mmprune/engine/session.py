@@ -401,7 +401,8 @@ class PruningSession:
                 entry["frames"] = [len(frames), frames[0].rows, frames[0].cols]
                 entry["frame_times"] = [f.time for f in frames]
                 entry["kept_per_frame"] = per_frame(entry["kept"], frames)
-            if item.modality == "audio":
+            if item.modality == "audio":  # token i covers [i, i + 1) * token_seconds from the clip's start
+                entry["token_seconds"] = item.token_seconds
                 entry["seconds"] = item.num_tokens * item.token_seconds if item.token_seconds else None
             samples[span.sample][LISTS[item.modality]].append(entry)
         layers = self.adapter.num_layers
