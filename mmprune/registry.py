@@ -22,6 +22,7 @@ from mmprune.methods import (
     SeatsPruner,
     SparseVLMPruner,
     ToDREPruner,
+    ToMePruner,
     UniformPruner,
     VisionDropPruner,
     VisionZipPruner,
@@ -48,6 +49,7 @@ METHODS: dict[str, type[Pruner]] = {
         DyCokePruner,
         FrameFusionPruner,
         SeatsPruner,
+        ToMePruner,
     )
 }
 

@@ -362,6 +362,13 @@ def rule_divprune(model, inputs, k):
 
 
 RULE_PARAMS = {"sparsevlm": {"recycle": False}}  # recycling has its own test (test_in_llm.py)
+def rule_tome(model, inputs, k):
+    """16 -> 4: the first step merges all 8 A tokens (r = 8) into B (slots 1, 3, ..., 15); the second merges the
+    new A half (slots 1, 5, 9, 13) into the B half, whatever the similarities."""
+    assert k == 4
+    return [3, 7, 11, 15]
+
+
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}
 
 
@@ -485,3 +492,52 @@ def test_qwen_fastervlm_uses_attention_received_at_the_last_vision_block(family_
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
     assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_tome_merges_the_strongest_edges_into_their_partners(weighted):
+    """16 -> 10 on the tiny LLaVA's own tokens: one step with r = 6, written out with Python loops."""
+    import torch.nn.functional as F
+
+    model = tiny_model("llava")
+    inputs = tiny.batch("llava", ONE_IMAGE)
+    x = _features(model, inputs).float()
+    a, b = list(range(0, 16, 2)), list(range(1, 16, 2))
+    best = []
+    for i in a:
+        sims = [float(F.cosine_similarity(x[i], x[j], dim=0)) for j in b]
+        best.append((max(sims), sims.index(max(sims))))
+    order = sorted(range(8), key=lambda n: (-best[n][0], n))
+    merging, unmerged = order[:6], order[6:]
+    groups = {m: [b[m]] for m in range(8)}
+    for n in merging:
+        groups[best[n][1]].append(a[n])
+    expected_slots = [a[n] for n in unmerged] + b
+    expected = [x[a[n]] for n in unmerged] + [x[groups[m]].mean(0) for m in range(8)]
+    pruner = mmprune.get("tome", keep=10, weighted=weighted)  # one step: every token holds one, both means agree
+    seen = []
+    original = pruner.select
+
+    def spy(tokens, k):
+        seen.append(original(tokens, k))
+        return seen[-1]
+
+    pruner.select = spy
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    (selection,) = seen
+    assert selection.slots.tolist() == expected_slots and selection.merged == len({best[n][1] for n in merging})
+    torch.testing.assert_close(selection.embeds.float(), torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_tome_weights_a_merged_token_by_the_tokens_it_holds():
+    from mmprune.methods.tome import bipartite_merge
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0]])  # A = tokens 0, 2; B = tokens 1, 3
+    size = torch.tensor([3.0, 1.0, 1.0, 1.0])  # token 0 already holds 3 original tokens
+    slots = torch.arange(4)
+    merged, kept, sizes = bipartite_merge(x, slots, size, 1, weighted=True)  # the strongest edge: 0 -> 1
+    assert kept.tolist() == [2, 1, 3] and sizes.tolist() == [1.0, 4.0, 1.0]
+    torch.testing.assert_close(merged[1], (3 * x[0] + x[1]) / 4)
+    plain, _, _ = bipartite_merge(x, slots, size, 1, weighted=False)
+    torch.testing.assert_close(plain[1], (x[0] + x[1]) / 2)

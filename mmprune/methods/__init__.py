@@ -25,6 +25,7 @@ from mmprune.methods.random import RandomPruner
 from mmprune.methods.seats import SeatsPruner
 from mmprune.methods.sparsevlm import SparseVLMPruner
 from mmprune.methods.todre import ToDREPruner
+from mmprune.methods.tome import ToMePruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visiondrop import VisionDropPruner
 from mmprune.methods.visionzip import VisionZipPruner
@@ -52,6 +53,7 @@ __all__ = [
     "SingleStagePruner",
     "SparseVLMPruner",
     "ToDREPruner",
+    "ToMePruner",
     "UniformPruner",
     "VideoPruner",
     "VisionDropPruner",
