@@ -6,6 +6,7 @@ import difflib
 from dataclasses import fields
 
 from mmprune.methods import (
+    ClusterPruner,
     DARTPruner,
     DivPrunePruner,
     DyCokePruner,
@@ -50,6 +51,7 @@ METHODS: dict[str, type[Pruner]] = {
         FrameFusionPruner,
         SeatsPruner,
         ToMePruner,
+        ClusterPruner,
     )
 }
 

@@ -362,6 +362,33 @@ def rule_divprune(model, inputs, k):
 
 
 RULE_PARAMS = {"sparsevlm": {"recycle": False}}  # recycling has its own test (test_in_llm.py)
+def rule_cluster(model, inputs, k):
+    """k-means written out with numpy: evenly spaced starts, squared Euclidean distance on normalised tokens, at most
+    20 rounds; each non-empty cluster keeps the slot of its first member."""
+    x = _features(model, inputs).double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centres = x[np.round(np.linspace(0, len(x) - 1, k)).astype(int)].copy()
+    assign = None
+    for _ in range(20):
+        new = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        for c in range(k):  # an empty cluster takes the point farthest from its centre (clusters of 2+ points)
+            if (new == c).any():
+                continue
+            counts = np.bincount(new, minlength=k)
+            far = ((x - centres[new]) ** 2).sum(-1)
+            far[counts[new] <= 1] = -1
+            if far.max() > 0:
+                new[int(far.argmax())] = c
+                centres[c] = x[int(far.argmax())]
+        if assign is not None and (new == assign).all():
+            break
+        assign = new
+        for c in range(k):
+            if (assign == c).any():
+                centres[c] = x[assign == c].mean(0)
+    return sorted(int(np.nonzero(assign == c)[0][0]) for c in range(k) if (assign == c).any())
+
+
 def rule_tome(model, inputs, k):
     """16 -> 4: the first step merges all 8 A tokens (r = 8) into B (slots 1, 3, ..., 15); the second merges the
     new A half (slots 1, 5, 9, 13) into the B half, whatever the similarities."""

@@ -10,6 +10,7 @@ from mmprune.methods.base import (
     SingleStagePruner,
     VideoPruner,
 )
+from mmprune.methods.cluster import ClusterPruner
 from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
 from mmprune.methods.dycoke import DyCokePruner
@@ -32,6 +33,7 @@ from mmprune.methods.visionzip import VisionZipPruner
 
 __all__ = [
     "POSITION_POLICIES",
+    "ClusterPruner",
     "DARTPruner",
     "DivPrunePruner",
     "DyCokePruner",
