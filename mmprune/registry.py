@@ -25,6 +25,7 @@ from mmprune.methods import (
     ToDREPruner,
     ToMePruner,
     UniformPruner,
+    VTCCLSPruner,
     VisionDropPruner,
     VisionZipPruner,
 )
@@ -52,6 +53,7 @@ METHODS: dict[str, type[Pruner]] = {
         SeatsPruner,
         ToMePruner,
         ClusterPruner,
+        VTCCLSPruner,
     )
 }
 

@@ -389,6 +389,14 @@ def rule_cluster(model, inputs, k):
     return sorted(int(np.nonzero(assign == c)[0][0]) for c in range(k) if (assign == c).any())
 
 
+def rule_vtc_cls(model, inputs, k):
+    """The tiny CLIP has 3 layers: the scaled start (16 of 24 -> 2) is capped at L - 2 = 1, so attentions[1:-1]:
+    layer 1's eager [CLS] row, head-mean."""
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions
+    scores = sum(a[0, :, 0, 1:].mean(0) for a in attn[1:-1])
+    return sorted(scores.topk(k).indices.tolist())
+
+
 def rule_tome(model, inputs, k):
     """16 -> 4: the first step merges all 8 A tokens (r = 8) into B (slots 1, 3, ..., 15); the second merges the
     new A half (slots 1, 5, 9, 13) into the B half, whatever the similarities."""
@@ -568,3 +576,23 @@ def test_tome_weights_a_merged_token_by_the_tokens_it_holds():
     torch.testing.assert_close(merged[1], (3 * x[0] + x[1]) / 4)
     plain, _, _ = bipartite_merge(x, slots, size, 1, weighted=False)
     torch.testing.assert_close(plain[1], (x[0] + x[1]) / 2)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_llava_next_vtc_cls_sums_each_crops_cls_rows_over_the_layers(start):
+    """Per crop, [CLS] rows (head-mean) summed over layers start .. L-2 of the eager tower, packed with the model's
+    own pack_image_features (newlines never kept), top-k."""
+    model = tiny_model("llava_next")
+    inputs = tiny.batch("llava_next", ONE_IMAGE)
+    attn = _eager_llava_vision(model, inputs["pixel_values"][0]).attentions
+    scores = sum(a[:, :, 0, 1:].mean(1) for a in attn[start:-1]).unsqueeze(-1)  # (crops, 16, 1)
+    packed, _ = model.model.pack_image_features([scores], inputs["image_sizes"], "default",
+                                                image_newline=torch.tensor([float("-inf")]))
+    expected = sorted(packed[0][:, 0].topk(22).indices.tolist())
+    pruner = mmprune.get("vtc_cls", keep=22, start_layer=start)
+    with pruner.attach(model), torch.no_grad():
+        model(**inputs)
+    assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
+    with pytest.raises(ValueError, match=r"start_layer=2 leaves no layer to sum in a 3-layer vision tower"):
+        with mmprune.get("vtc_cls", start_layer=2).attach(model), torch.no_grad():
+            model(**inputs)

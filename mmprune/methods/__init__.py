@@ -29,6 +29,7 @@ from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.tome import ToMePruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visiondrop import VisionDropPruner
+from mmprune.methods.vtc_cls import VTCCLSPruner
 from mmprune.methods.visionzip import VisionZipPruner
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "ToMePruner",
     "UniformPruner",
     "VideoPruner",
+    "VTCCLSPruner",
     "VisionDropPruner",
     "VisionZipPruner",
 ]

@@ -34,19 +34,28 @@ class ClipTower:
                 f"vision_feature_layer={feature_layer} selects no encoder layer of a {count}-layer tower "
                 f"(hidden_states[0] are the embeddings): expected 1..{count} or -{count}..-1"
             )
+        self.layers = layers
         self.layer = layers[index]
         self.attention = self.layer.self_attn  # hooked for its input; its fields are read through upstream
 
     def install(self, adapter: ModelAdapter) -> list:
+        # every layer's attention input is kept (references only) for methods that read several layers (VTC-CLS)
         return [
             self.attention.register_forward_pre_hook(capture_input(adapter, "clip_attn_in"), with_kwargs=True),
             self.layer.register_forward_hook(capture_output(adapter, "clip_layer_out")),
+            *[layer.self_attn.register_forward_pre_hook(capture_input(adapter, f"clip_attn_in_{i}"), with_kwargs=True)
+              for i, layer in enumerate(self.layers)],
         ]
 
-    def cls_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crops, heads, 1+N) [CLS]-row probabilities and (crops, 1+N, d_h) head-mean keys."""
-        hidden, _ = store["clip_attn_in"]
-        attn = upstream.clip_attention(self.layer)
+    def cls_rows_by_layer(self, store: dict) -> torch.Tensor:
+        """(layers, crops, heads, 1+N): every encoder layer's [CLS]-row attention probabilities."""
+        return torch.stack([self.cls_attention_and_keys(store, i)[0] for i in range(len(self.layers))])
+
+    def cls_attention_and_keys(self, store: dict, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, heads, 1+N) [CLS]-row probabilities and (crops, 1+N, d_h) head-mean keys of the feature layer (or
+        of encoder ``layer``)."""
+        hidden, _ = store["clip_attn_in" if layer is None else f"clip_attn_in_{layer}"]
+        attn = upstream.clip_attention(self.layer if layer is None else self.layers[layer])
         heads, head_dim = attn.num_heads, attn.head_dim
         crops, length, _ = hidden.shape
         with torch.no_grad():
@@ -114,6 +123,12 @@ class LlavaAdapter(ModelAdapter):
             store["clip_cls"] = self.clip.cls_attention_and_keys(store)
         return store["clip_cls"]
 
+    def clip_layer_rows(self, store: dict) -> torch.Tensor:
+        """(layers, crops, heads, 1+N) [CLS] rows of every encoder layer in this forward, computed once."""
+        if "clip_cls_layers" not in store:
+            store["clip_cls_layers"] = self.clip.cls_rows_by_layer(store)
+        return store["clip_cls_layers"]
+
     def _lazy(self, i: int, with_cls: bool) -> dict:
         if self.clip is None:
             return {}
@@ -122,6 +137,7 @@ class LlavaAdapter(ModelAdapter):
 
         lazy = {
             "token_attention": lambda: self.clip_tables(store)[0][i, :, first:],
+            "cls_attention_by_layer": lambda: self.clip_layer_rows(store)[:, i, :, first:],
             "vision_keys": lambda: self.clip_tables(store)[1][i, first:],
             "vision_features": lambda: store["clip_layer_out"][i, first:],
         }
