@@ -38,6 +38,21 @@ IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
 AUDIO_TOKEN, AUDIO_START, AUDIO_END = 32004, 32005, 32006
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
           "image_size": 336, "patch_size": 14, "projection_dim": 768}
+# Qwen2.5-VL-7B's windowed ViT and Qwen2-7B decoder with M-RoPE (also the Qwen2.5-Omni-7B thinker's)
+QWEN_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
+                  "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3}
+QWEN_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+                "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+# the CPU-sized Qwen-style tower and 0.5B-class decoder (d 896, 24 layers, 14 heads, 2 KV heads, FFN 4864)
+SMALL_QWEN_VISION = {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
+                     "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
+                     "fullatt_block_indexes": [3, 7, 11], "in_channels": 3}
+SMALL_TEXT = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "vocab_size": 32064}
+SMALL_MROPE_TEXT = dict(SMALL_TEXT, max_position_embeddings=8192,
+                        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})  # head_dim 64: sections sum to 32
 GEOMETRIES = {
     "llava-1.5-7b": {
         "family": "llava", "vision": CLIP_L,
@@ -49,70 +64,39 @@ GEOMETRIES = {
         "text": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
                  "max_position_embeddings": 8192}},
-    "qwen2.5-vl-7b": {
-        "family": "qwen2_5_vl", "image": 896,
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3},
-        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+    "qwen2.5-vl-7b": {"family": "qwen2_5_vl", "image": 896, "vision": QWEN_7B_VISION, "text": QWEN_7B_TEXT},
     # Qwen2.5-VL-7B on a video: 32 frames of 448 px = 16 temporal grids of 32 x 32 patches, 16 x 16 merged tokens
     # each (4096 video tokens); a quarter of each grid's patches move (see mostly_static)
     "qwen2.5-vl-7b-video": {
         "family": "qwen2_5_vl", "video": {"frames": 32, "size": 448, "motion": 0.25},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3, "tokens_per_second": 2},
-        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+        "vision": dict(QWEN_7B_VISION, tokens_per_second=2), "text": QWEN_7B_TEXT},
     # a Qwen2.5-VL-style model on a video: 16 frames of 224 px = 8 temporal grids of 16 x 16 patches, 8 x 8 merged
     # tokens each (512 video tokens); a 0.5B-class decoder as in "small"; the CPU geometry for video methods
     "small-video": {
         "family": "qwen2_5_vl", "video": {"frames": 16, "size": 224, "motion": 0.25},
-        "vision": {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
-                   "fullatt_block_indexes": [3, 7, 11], "in_channels": 3, "tokens_per_second": 2},
-        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}},  # head_dim 64: sections sum to 32
+        "vision": dict(SMALL_QWEN_VISION, tokens_per_second=2), "text": SMALL_MROPE_TEXT},
     # the Qwen2.5-Omni-7B thinker on 30 s of audio with its video at 2 fps, interleaved in 2-s chunks: 30 temporal
     # grids of 448 px (16 x 16 merged tokens: 7680 video tokens) and 750 audio tokens
     "qwen2.5-omni-7b": {
         "family": "qwen2_5_omni", "video": {"frames": 60, "size": 448, "motion": 0.25}, "audio": {"seconds": 30},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584, "window_size": 112,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3},
+        "vision": QWEN_7B_VISION, "text": QWEN_7B_TEXT,
         "audio_tower": {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20,
                         "encoder_ffn_dim": 5120, "d_model": 1280, "n_window": 100, "output_dim": 3584,
-                        "max_source_positions": 1500},
-        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                 "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}},
+                        "max_source_positions": 1500}},
     # its CPU variant: the same 30 s at 112 px (30 grids of 4 x 4 = 480 video tokens, 750 audio tokens), a 6-layer
     # audio tower of width 512 and the 0.5B-class decoder of "small" (24 layers, so SEATS' stages scale to
     # 14, 15, 17 and the late removal to 20)
     "small-omni": {
         "family": "qwen2_5_omni", "video": {"frames": 60, "size": 112, "motion": 0.25}, "audio": {"seconds": 30},
-        "vision": {"depth": 12, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 896, "window_size": 112,
-                   "fullatt_block_indexes": [3, 7, 11], "in_channels": 3},
+        "vision": SMALL_QWEN_VISION, "text": SMALL_MROPE_TEXT,
         "audio_tower": {"num_mel_bins": 128, "encoder_layers": 6, "encoder_attention_heads": 8,
                         "encoder_ffn_dim": 2048, "d_model": 512, "n_window": 100, "output_dim": 896,
-                        "max_source_positions": 1500},
-        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 8192,
-                 "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}},
+                        "max_source_positions": 1500}},
     "small": {
         "family": "llava",
         "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                    "num_attention_heads": 12, "image_size": 384, "patch_size": 16, "projection_dim": 512},
-        "text": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                 "num_key_value_heads": 2, "vocab_size": 32064, "max_position_embeddings": 4096}},
+        "text": dict(SMALL_TEXT, max_position_embeddings=4096)},
 }
 
 
