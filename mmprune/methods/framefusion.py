@@ -23,6 +23,7 @@ class MergeState:
     """One video's progress through FrameFusion during a prefill."""
 
     cost: float
+    patch: torch.Tensor  # (N,) each original token's patch position in its frame, -1 outside the frames
     sparsities: list[float] = field(default_factory=list)  # the share merged at each merging step (S_i)
     merging: bool = True
     done: bool = False  # merging met the budget alone, or the single pruning step ran
@@ -155,10 +156,10 @@ class FrameFusionPruner(HybridPruner):
         if isinstance(self.keep, int) and self.keep > tokens.num_tokens:
             raise ValueError(f"framefusion: keep={self.keep} asks for more tokens than the video has "
                              f"({tokens.num_tokens}): expected an int in [1, {tokens.num_tokens}] or a float in (0, 1]")
-        state = MergeState(cost=self.cost(tokens.num_tokens))
+        state = MergeState(cost=self.cost(tokens.num_tokens),
+                           patch=patch_positions(tokens.segments, tokens.embeds.device))
         self._states[(tokens.sample, tokens.index_in_sample)] = state
-        return self._merge_step(state, tokens.embeds, patch_positions(tokens.segments, tokens.num_tokens,
-                                                                      tokens.embeds.device))
+        return self._merge_step(state, tokens.embeds, state.patch)
 
     def _merge_step(self, state: MergeState, hidden: torch.Tensor, patch: torch.Tensor) -> Selection:
         n = patch.numel()
@@ -212,7 +213,7 @@ class FrameFusionPruner(HybridPruner):
             if state is None or state.done:
                 out.append(Selection.identity(track.count, device=device))
             elif state.merging:
-                patch = patch_positions(track.segments, None, device)[track.original.to(device)]
+                patch = state.patch[track.original.to(state.patch.device)].to(device)
                 out.append(self._merge_step(state, ctx.hidden[track.sample, track.positions], patch))
             else:
                 if scores is None:
@@ -235,9 +236,9 @@ class FrameFusionPruner(HybridPruner):
         return ctx.attention(ctx.layer - 1, rows).mean(dim=(1, 2))
 
 
-def patch_positions(segments: list, num_tokens: int | None, device: torch.device) -> torch.Tensor:
+def patch_positions(segments: list, device: torch.device) -> torch.Tensor:
     """``(N,)`` each token's patch position within its frame (raster index), ``-1`` outside the frames."""
-    total = num_tokens if num_tokens is not None else sum(s.size for s in segments)
+    total = sum(s.size for s in segments)
     patch = torch.full((total,), -1, dtype=torch.long)
     for segment in segments:
         if segment.frame is not None:

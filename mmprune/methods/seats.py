@@ -214,8 +214,7 @@ class SeatsPruner(HybridPruner):
         self._stages = (layers, late)
         # with the pre-LLM level at encoder_ratio_scale * R the ratios do not depend on R: one list serves both
         # modalities and every item (the reference solves them per modality and gets the same numbers)
-        ratios = keep_ratios(self.encoder_ratio_scale, 1.0, layers, late, num_layers)
-        self._ratios = {"video": ratios, "audio": ratios}
+        self._ratios = ratios = keep_ratios(self.encoder_ratio_scale, 1.0, layers, late, num_layers)
         self._schedule = {"keep": self.keep, "keep_audio": self.keep_for("audio"), "layers": layers,
                           "late_layer": late, "keep_ratios": ratios}
         return [*layers, late], [[image.count] * (len(layers) + 1) for image in images]
@@ -242,7 +241,7 @@ class SeatsPruner(HybridPruner):
         positions = {m: torch.sort(torch.cat([t.positions for t in tracks if t.modality == m]
                                              or [torch.empty(0, dtype=torch.long, device=scores.device)])).values
                      for m in ("video", "audio")}
-        totals = {m: max(1, round(self._ratios[m][stage] * p.numel())) if p.numel() else 0
+        totals = {m: max(1, round(self._ratios[stage] * p.numel())) if p.numel() else 0
                   for m, p in positions.items()}
         runs = {m: contiguous_runs(p) for m, p in positions.items()}
         windows = max(len(runs["video"]), len(runs["audio"]))
