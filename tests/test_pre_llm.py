@@ -596,3 +596,13 @@ def test_llava_next_vtc_cls_sums_each_crops_cls_rows_over_the_layers(start):
     with pytest.raises(ValueError, match=r"start_layer=2 leaves no layer to sum in a 3-layer vision tower"):
         with mmprune.get("vtc_cls", start_layer=2).attach(model), torch.no_grad():
             model(**inputs)
+
+
+@pytest.mark.parametrize("method, every_layer", [("fastervlm", False), ("vtc_cls", True)])
+def test_every_clip_layer_is_captured_only_for_methods_that_read_them(method, every_layer):
+    """Keeping every encoder layer's input alive costs memory on each forward: only a method that lists
+    cls_attention_by_layer in its encoder_fields gets those hooks."""
+    model = tiny_model("llava")
+    with mmprune.get(method, keep=4).attach(model) as session, torch.no_grad():
+        model(**tiny.batch("llava", ONE_IMAGE))
+        assert ("clip_attn_in_0" in session.adapter.captured) is every_layer

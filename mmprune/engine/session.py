@@ -133,7 +133,7 @@ class PruningSession:
             if self.runner is not None:
                 self._handles.append(adapter.language_model.register_forward_hook(self._after_language_model))
                 self._handles.extend(self.runner.install())
-            self._handles.extend(adapter.install_capture())
+            self._handles.extend(adapter.install_capture(self.pruner.encoder_fields))
         except Exception:
             self.remove()
             raise

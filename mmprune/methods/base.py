@@ -50,6 +50,9 @@ class Pruner:
     # through unpruned). A method adds "video" when its paper's rule applies to a video's token span.
     modalities: ClassVar[tuple[str, ...]] = ("image",)
     passes_through: ClassVar[tuple[str, ...]] = ()  # accepted media the method leaves whole by design (EVS: images)
+    # optional encoder fields the method reads whose capture costs memory on every forward (e.g. every CLIP layer's
+    # input for "cls_attention_by_layer"); the adapter captures them only for methods that list them
+    encoder_fields: ClassVar[tuple[str, ...]] = ()
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 

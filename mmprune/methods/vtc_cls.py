@@ -44,6 +44,7 @@ class VTCCLSPruner(PreLLMPruner):
     start_layer: int | None = param(None, Int(0, optional=True),
                                     "first encoder layer summed (default: 16 of 24, scaled to the tower's depth)")
 
+    encoder_fields: ClassVar[tuple[str, ...]] = ("cls_attention_by_layer",)
     name: ClassVar[str] = "vtc_cls"
     summary: ClassVar[str] = "top-k by [CLS] attention summed over the encoder's later layers (VTC-CLS)"
 

@@ -70,8 +70,10 @@ class ModelAdapter:
         says what and why."""
         return []
 
-    def install_capture(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Hooks that record the vision encoder internals the lazy fields need; returns their handles."""
+    def install_capture(self, extra: tuple[str, ...] = ()) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that record the vision encoder internals the lazy fields need; returns their handles. ``extra``
+        names the optional fields the attached method reads (``Pruner.encoder_fields``) whose capture costs memory
+        on every forward, so they are captured only when asked for."""
         return []
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:

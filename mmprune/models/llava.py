@@ -38,14 +38,18 @@ class ClipTower:
         self.layer = layers[index]
         self.attention = self.layer.self_attn  # hooked for its input; its fields are read through upstream
 
-    def install(self, adapter: ModelAdapter) -> list:
-        # every layer's attention input is kept (references only) for methods that read several layers (VTC-CLS)
-        return [
+    def install(self, adapter: ModelAdapter, every_layer: bool = False) -> list:
+        """Hooks on the feature layer; with ``every_layer`` also on every layer's attention input (which keeps
+        them all alive until the next encoder call), for methods that read several layers (VTC-CLS)."""
+        handles = [
             self.attention.register_forward_pre_hook(capture_input(adapter, "clip_attn_in"), with_kwargs=True),
             self.layer.register_forward_hook(capture_output(adapter, "clip_layer_out")),
-            *[layer.self_attn.register_forward_pre_hook(capture_input(adapter, f"clip_attn_in_{i}"), with_kwargs=True)
-              for i, layer in enumerate(self.layers)],
         ]
+        if every_layer:
+            handles += [layer.self_attn.register_forward_pre_hook(capture_input(adapter, f"clip_attn_in_{i}"),
+                                                                  with_kwargs=True)
+                        for i, layer in enumerate(self.layers)]
+        return handles
 
     def cls_rows_by_layer(self, store: dict) -> torch.Tensor:
         """(layers, crops, heads, 1+N): every encoder layer's [CLS]-row attention probabilities."""
@@ -88,6 +92,8 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "renumber"
+    layer_rows = True  # the tower has [CLS], so every layer's [CLS] row can be offered (cls_attention_by_layer)
+    every_layer = False  # whether this attachment captures every layer (install_capture)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -99,8 +105,11 @@ class LlavaAdapter(ModelAdapter):
         if isinstance(self.feature_layer, int) and upstream.has_clip_encoder(self.inner.vision_tower):
             self.clip = ClipTower(self.inner.vision_tower, self.feature_layer)
 
-    def install_capture(self) -> list:
-        return self.clip.install(self) if self.clip is not None else []
+    def install_capture(self, extra: tuple[str, ...] = ()) -> list:
+        if self.clip is None:
+            return []
+        self.every_layer = self.layer_rows and "cls_attention_by_layer" in extra
+        return self.clip.install(self, every_layer=self.every_layer)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.inner.multi_modal_projector(features)
@@ -137,10 +146,11 @@ class LlavaAdapter(ModelAdapter):
 
         lazy = {
             "token_attention": lambda: self.clip_tables(store)[0][i, :, first:],
-            "cls_attention_by_layer": lambda: self.clip_layer_rows(store)[:, i, :, first:],
             "vision_keys": lambda: self.clip_tables(store)[1][i, first:],
             "vision_features": lambda: store["clip_layer_out"][i, first:],
         }
         if not with_cls:
             lazy["cls_feature"] = lambda: store["clip_layer_out"][i, 0]
+        if self.every_layer:
+            lazy["cls_attention_by_layer"] = lambda: self.clip_layer_rows(store)[:, i, :, first:]
         return lazy

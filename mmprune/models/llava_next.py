@@ -73,9 +73,12 @@ class LlavaNextAdapter(LlavaAdapter):
             values = table[crop, patch]
             return values * valid.view(-1, *([1] * (values.dim() - 1))).to(values.dtype)
 
-        return {
+        lazy = {
             "token_attention": lambda: gather(self.clip_tables(store)[0].permute(0, 2, 1)).T,
-            "cls_attention_by_layer": lambda: gather(self.clip_layer_rows(store).permute(1, 3, 0, 2)).permute(1, 2, 0),
             "vision_keys": lambda: gather(self.clip_tables(store)[1]),
             "vision_features": lambda: gather(store["clip_layer_out"]),
         }
+        if self.every_layer:
+            lazy["cls_attention_by_layer"] = lambda: gather(self.clip_layer_rows(store).permute(1, 3, 0, 2)).permute(
+                1, 2, 0)
+        return lazy

@@ -46,6 +46,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     family = "llava-onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     modalities = ("image", "video")
+    layer_rows = False  # SigLIP has no [CLS]
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -49,9 +49,9 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         upstream.check_omni_layout(model)
         super().__init__(model)
 
-    def install_capture(self) -> list:
+    def install_capture(self, extra: tuple[str, ...] = ()) -> list:
         attention = upstream.omni_audio_attention(self.inner.audio_tower)
-        return [*super().install_capture(),
+        return [*super().install_capture(extra),
                 attention.register_forward_pre_hook(capture_input(self, "audio_in"), with_kwargs=True)]
 
     def build_items(self, modality: str, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:

@@ -46,7 +46,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.block = self.vision.block
         self.windowed = self.vision.windowed  # Qwen2.5-VL reorders patches by window
 
-    def install_capture(self) -> list:
+    def install_capture(self, extra: tuple[str, ...] = ()) -> list:
         return [self.vision.attention.register_forward_pre_hook(capture_input(self, "block_in"), with_kwargs=True)]
 
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
