@@ -11,7 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import mmprune
-from mmprune import upstream
+from mmprune import loading
+from mmprune.data.inputs import Request, model_inputs
+from mmprune.loading import DTYPES
 from mmprune.engine.session import final_kept
 from mmprune.zoo import SHIPPED_MODEL
 
@@ -82,134 +84,19 @@ def cmd_methods(args: argparse.Namespace) -> None:
             print("\n".join(method_details(name)[2:]))
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def looks_like_path(model_id: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a folder."""
-    return (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
-            or Path(model_id).exists())
-
-
 def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
-    except RuntimeError:
-        raise CliError(f"--device {device!r} is not a torch device: expected e.g. cpu, cuda, cuda:1, mps") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
-    import torch
-
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    return getattr(torch, dtype)
+        return loading.resolve_device(device)
+    except ValueError as exc:
+        raise CliError(f"--device {exc}") from None
 
 
 def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implementation: str | None = None):
     """Model and processor from a local path or hub id, through the stock HF auto classes."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    path = Path(model_id).expanduser()
-    local = looks_like_path(model_id)
-    if local:
-        if not path.exists():
-            raise CliError(f"--model {model_id!r}: no such folder")
-        if not path.is_dir():
-            raise CliError(f"--model {model_id!r} is a file: expected a model folder (config.json, weights, "
-                           "processor files) or a hub id")
-    hf_logging.disable_progress_bar()
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    source = str(path) if local else model_id
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, device), **extra)
-        try:
-            processor = AutoProcessor.from_pretrained(source)
-        except (ImportError, AttributeError, ValueError):
-            # processors with a video slot (Qwen, LLaVA-OneVision, ...) cannot be built without torchvision (an
-            # ImportError, AttributeError or ValueError depending on the class and release); their parts can
-            processor = MediaParts(AutoTokenizer.from_pretrained(source), upstream.load_image_processor(source))
-    except (OSError, ValueError, ImportError) as exc:
-        raise CliError(f"--model {model_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), processor
-
-
-class MediaParts:
-    """A tokenizer and an image processor standing in for a processor that cannot be built here."""
-
-    def __init__(self, tokenizer, image_processor) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-
-def qwen_inputs(model, processor, images: list, frames: list | None, prompt: str, fps: float) -> dict:
-    """Qwen2-VL/Qwen2.5-VL inputs built from the tokenizer and the image processor (what the processor does, without
-    its torchvision-only video part): placeholders expanded to each image's and the video's token count."""
-    from mmprune.data.video import qwen_video_inputs
-
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    config = model.config
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
-    content = [{"type": "image"} for _ in images] + ([{"type": "video"}] if frames else [])
-    messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    merge = int(image_processor.merge_size) ** 2
-    extra: dict = {}
-    if images:
-        pixels = image_processor(images=images, return_tensors="pt")
-        extra.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
-        counts = iter(int(g.prod()) // merge for g in pixels["image_grid_thw"])
-        text = "".join(part + (image_token * next(counts) if i < len(images) else "")
-                       for i, part in enumerate(text.split(image_token)))
-    if frames:
-        video = qwen_video_inputs(frames, image_processor, fps=fps)
-        text = text.replace(video_token, video_token * video.pop("video_tokens"), 1)
-        if not upstream.accepts(model.model.forward, "second_per_grid_ts"):
-            video.pop("second_per_grid_ts")  # Qwen2-VL spaces grids by one position, whatever the time
-        extra.update(video)
-    inputs = dict(tokenizer([text], return_tensors="pt"))
-    ids = inputs["input_ids"]
-    inputs["mm_token_type_ids"] = upstream.mm_token_types(ids, config.image_token_id, config.video_token_id)
-    return {**inputs, **extra}
-
-
-LLAVA_VIDEO_FAMILIES = ("llava-onevision", "llava-next-video")
-VIDEO_CLI_FAMILIES = "Qwen2-VL/Qwen2.5-VL and LLaVA-OneVision/LLaVA-NeXT-Video models"
-
-
-def llava_video_prompt(model, processor, images: list, frames: list, prompt: str) -> dict:
-    """A video prompt for LLaVA-OneVision / LLaVA-NeXT-Video built from the tokenizer and the image processor's
-    normalisation (their video processors need torchvision): the ``<video>`` placeholder expanded to the model's
-    token count (``mmprune.data.video.llava_video_inputs``)."""
-    from mmprune.data.video import llava_video_inputs
-
-    if images:
-        raise CliError("--image with --video on LLaVA-OneVision/LLaVA-NeXT-Video: the CLI builds video-only prompts "
-                       "for these families (images next to a video work through the Python API)")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    video = llava_video_inputs(frames, model.config, processor.image_processor)
-    token = tokenizer.convert_ids_to_tokens(model.config.video_token_id)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    text = (tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                          tokenize=False) if template else f"USER: {token}\n{prompt} ASSISTANT:")
-    if token not in text:
-        raise CliError(f"--video: the chat template wrote no {token} placeholder for the video")
-    text = text.replace(token, token * video.pop("video_tokens"), 1)
-    return {**dict(tokenizer([text], return_tensors="pt")), **video}
+        return loading.load(model_id, device, dtype, attn_implementation)
+    except ValueError as exc:
+        raise CliError(f"--model {exc}") from None
 
 
 def parse_params(items: list[str] | None) -> dict:
@@ -227,37 +114,15 @@ def parse_params(items: list[str] | None) -> dict:
     return params
 
 
-def build_inputs(processor, images: list, prompt: str):
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
-    if getattr(processor, "chat_template", None):
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        text = f"USER: {'<image>' * len(images)}\n{prompt} ASSISTANT:"
-    return processor(images=images, text=text, return_tensors="pt")
-
-
 def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens: int, frames: list | None = None,
              fps: float = 2.0) -> dict:
     import torch
 
-    from mmprune.models import adapter_for
-
-    family = adapter_for(model).family
-    if frames and family in LLAVA_VIDEO_FAMILIES:
-        inputs = {k: v.to(model.device) for k, v in llava_video_prompt(model, processor, images, frames,
-                                                                      prompt).items()}
-    elif frames or isinstance(processor, MediaParts):
-        if frames and family != "qwen2-vl":
-            raise CliError(f"--video: the CLI builds video prompts for {VIDEO_CLI_FAMILIES}; "
-                           f"{type(model).__name__} is not one")
-        if family != "qwen2-vl":
-            raise CliError(f"--image: the processor of {type(model).__name__} could not be built (it needs "
-                           "torchvision); without it the CLI builds image prompts for Qwen2-VL/Qwen2.5-VL only")
-        inputs = {k: v.to(model.device) for k, v in qwen_inputs(model, processor, images, frames, prompt,
-                                                               fps).items()}
-    else:
-        inputs = build_inputs(processor, images, prompt).to(model.device)
+    request = Request.of(prompt, images, [frames] if frames else [])
+    try:
+        inputs = {k: v.to(model.device) for k, v in model_inputs(model, processor, [request], fps).items()}
+    except ValueError as exc:
+        raise CliError(f"{'--video' if frames else '--image'}: {exc}") from None
     started = time.perf_counter()
     with pruner.attach(model), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -250,9 +250,9 @@ def test_run_decodes_a_video_file_with_pyav(qwen_dir, frames_dir, tmp_path, caps
     (("--video", "/no/such/clip.mp4"), "--video: '/no/such/clip.mp4': no such video file or folder of frames"),
     (("--method", "fastervlm", "--video", "FRAMES"), "fastervlm does not prune video"),
     (("--video", "FRAMES", "--fps", "0"), "fps=0.0: expected a positive number"),
-    (("--model", "LLAVA", "--video", "FRAMES"), "the CLI builds video prompts for Qwen2-VL/Qwen2.5-VL and "
+    (("--model", "LLAVA", "--video", "FRAMES"), "--video: video prompts are built for Qwen2-VL/Qwen2.5-VL and "
                                                 "LLaVA-OneVision/LLaVA-NeXT-Video models"),
-    (("--model", "ONEVISION", "--video", "FRAMES", "--image", "IMAGE"), "the CLI builds video-only prompts"),
+    (("--model", "ONEVISION", "--video", "FRAMES", "--image", "IMAGE"), "video prompts are built with one video and no image per prompt"),
     (("--model", "ONEVISION", "--image", "IMAGE"), "could not be built (it needs torchvision)"),
     ((), "give at least one --image or a --video"),
 ])
