@@ -11,9 +11,15 @@ TORCH_INDEX ?=
 PINS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# lmms-eval (optional integration), tested at this exact version. Installed with --no-deps: its hard torchvision
+# dependency resolves only to CUDA builds here and would replace the CPU torch; its core never imports torchvision.
+# The list is what lmms-eval's evaluator and command line import on mmprune's path; filelock 4 removed a module
+# lmms-eval 0.7.3 imports (every evaluation fails with "No module named 'filelock._api'").
+LMMS_EVAL ?= lmms-eval==0.7.3
+LMMS_EVAL_DEPS ?= "filelock<4" datasets accelerate loguru pyyaml sacrebleu evaluate pytz tenacity pytablewriter
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^OLDEST_TESTED = "\(.*\)"/\1/p' mmprune/upstream.py)
 
-.PHONY: demo test test-oldest clean
+.PHONY: demo test test-oldest lmms-eval test-lmms-eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +33,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+lmms-eval: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
+	$(BIN)/python -m pip install -q $(LMMS_EVAL_DEPS)
+
+test-lmms-eval: lmms-eval
+	$(BIN)/python -m pytest tests/test_lmms_eval.py
 
 test-oldest:
 	$(MAKE) test VENV=$(OLDEST_VENV) PINS="transformers==$(TRANSFORMERS_OLDEST)"

@@ -75,18 +75,20 @@ def load(model_id: str, device: str = "cpu", dtype: str = "auto", attn_implement
             # processors with a video slot (Qwen, LLaVA-OneVision, ...) cannot be built without torchvision (an
             # ImportError, AttributeError or ValueError depending on the class and release); their parts can
             processor = MediaParts(AutoTokenizer.from_pretrained(source, **remote),
-                                   upstream.load_image_processor(source))
+                                   upstream.load_image_processor(source), upstream.saved_video_size(source))
     except (OSError, ValueError, ImportError) as exc:
         raise ValueError(f"{model_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), processor
 
 
 class MediaParts:
-    """A tokenizer and an image processor standing in for a processor that cannot be built here."""
+    """A tokenizer and an image processor standing in for a processor that cannot be built here, with the saved
+    video processor's ``size`` (per-frame pixel bounds) when the checkpoint has one."""
 
-    def __init__(self, tokenizer, image_processor) -> None:
+    def __init__(self, tokenizer, image_processor, video_size: dict | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.video_size = video_size
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

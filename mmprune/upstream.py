@@ -103,6 +103,46 @@ def load_image_processor(source: str) -> Any:
         return cls.from_pretrained(source)
 
 
+def video_pixel_bounds(processor: Any) -> tuple[int, int] | None:
+    """``(min_pixels, max_pixels)`` per video frame from a processor's video processor (its ``size``'s
+    ``shortest_edge`` / ``longest_edge``, which Qwen's video processors read as pixel counts), else from the
+    ``video_size`` a :class:`mmprune.loading.MediaParts` read from the saved config; ``None`` when neither has one."""
+    size = getattr(getattr(processor, "video_processor", None), "size", None) or getattr(processor, "video_size", None)
+    if not size or "longest_edge" not in size:
+        return None
+    return int(size.get("shortest_edge") or 0), int(size["longest_edge"])
+
+
+def saved_video_size(source: str) -> dict | None:
+    """The ``size`` of a checkpoint's ``video_preprocessor_config.json`` (or its ``min_pixels`` / ``max_pixels``),
+    read as JSON: the video processor class itself cannot be built without torchvision."""
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(source, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    if path is None:
+        return None
+    with open(path) as handle:
+        config = json.load(handle)
+    size = dict(config.get("size") or {})
+    if config.get("min_pixels") is not None:
+        size["shortest_edge"] = config["min_pixels"]
+    if config.get("max_pixels") is not None:
+        size["longest_edge"] = config["max_pixels"]
+    return size or None
+
+
+def qwen_smart_resize() -> Callable:
+    """Qwen2-VL's ``smart_resize(height, width, factor, min_pixels, max_pixels)``: the frame size, in multiples of
+    ``factor``, whose pixel count lies in the bounds. From the PIL image processor's module, which (unlike the
+    torchvision one) imports without torchvision."""
+    try:
+        return importlib.import_module("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl").smart_resize
+    except (ImportError, AttributeError) as exc:
+        raise mismatch("Qwen2-VL's PIL image processor module defines smart_resize", str(exc)) from None
+
+
 # ---------------------------------------------------------------------------------------------- the KV cache
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")  # 5.24 renamed past_key_values to cache
 

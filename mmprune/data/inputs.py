@@ -5,8 +5,9 @@ the same way whichever door it came through:
 
 - a model whose processor could be built, with images only: the processor's own chat template and call;
 - Qwen2-VL / Qwen2.5-VL without its processor (it needs torchvision) or with a video: the tokenizer's template,
-  the PIL image processor, and :func:`mmprune.data.video.qwen_video_inputs` for the video, placeholders expanded
-  to each image's and video's token count (what the processor does);
+  the PIL image processor, and :func:`mmprune.data.video.qwen_video_inputs` for the video (frames first sized
+  within the video processor's per-frame pixel bounds, as it does), placeholders expanded to each image's and
+  video's token count (what the processor does);
 - LLaVA-OneVision / LLaVA-NeXT-Video videos: :func:`mmprune.data.video.llava_video_inputs` (video-only prompts).
 
 Anything else (audio, images next to a LLaVA video, a video on an image-only family) is refused with one line.
@@ -155,7 +156,9 @@ def qwen_batch(model, processor, requests: list[Request], fps: float) -> dict[st
         pixels = image_processor(images=images, return_tensors="pt")
         extra.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
         image_counts = iter([int(g.prod()) // merge for g in pixels["image_grid_thw"]])
-    videos = [qwen_video_inputs(frames, image_processor, fps=fps) for r in requests for frames in r.videos]
+    bounds = upstream.video_pixel_bounds(processor)
+    videos = [qwen_video_inputs(bounded(frames, bounds, patch_factor(image_processor)), image_processor, fps=fps)
+              for r in requests for frames in r.videos]
     video_counts = iter([v.pop("video_tokens") for v in videos])
     if videos:
         for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
@@ -171,6 +174,23 @@ def qwen_batch(model, processor, requests: list[Request], fps: float) -> dict[st
     inputs["mm_token_type_ids"] = upstream.mm_token_types(inputs["input_ids"], config.image_token_id,
                                                           config.video_token_id)
     return {**inputs, **extra}
+
+
+def patch_factor(image_processor) -> int:
+    return int(image_processor.patch_size) * int(image_processor.merge_size)
+
+
+def bounded(frames: list[Image.Image], bounds: tuple[int, int] | None, factor: int) -> list[Image.Image]:
+    """Frames resized as Qwen's video processor sizes them: the nearest multiple of ``factor`` whose pixel count is
+    within the video processor's per-frame ``(min_pixels, max_pixels)`` (unchanged without bounds). The total-video
+    budget newer video processors can add on top (``cap_pixels_per_frame``) is not applied: cap ``max_frames``."""
+    if bounds is None:
+        return frames
+    width, height = frames[0].size
+    new_height, new_width = upstream.qwen_smart_resize()(height, width, factor, *bounds)
+    if (new_width, new_height) == (width, height):
+        return frames
+    return [f.resize((new_width, new_height), Image.BICUBIC) for f in frames]
 
 
 def expand(text: str, token: str, counts: list[int]) -> str:
