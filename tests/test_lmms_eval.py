@@ -133,6 +133,24 @@ def test_unsupported_model_and_model_dependent_values_fail_at_construction(tmp_p
         MMPrune(pretrained=str(folder), method="fastv", keep=4, layer=99)  # the tiny model has 4 layers
 
 
+def test_an_unsupported_model_fails_at_construction(monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    from mmprune import loading
+
+    class Unsupported(LlavaForConditionalGeneration):  # a class mmprune has no adapter for
+        pass
+
+    def load_unsupported(*args, **kwargs):
+        model, processor = load_shipped()
+        model.__class__ = Unsupported
+        return model, processor
+
+    monkeypatch.setattr(loading, "load", load_unsupported)
+    with pytest.raises(ValueError, match="Unsupported is not a supported model; supported families: "):
+        MMPrune(method="fastv", keep=16)
+
+
 def test_video_requests_are_batched_like_single_ones(tmp_path):
     """A tiny Qwen2-VL (no processor: it needs torchvision) answers chat messages carrying videos: a batch of two
     gives each request's answer and token counts alone."""
