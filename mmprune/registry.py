@@ -14,13 +14,20 @@ from mmprune.methods import (
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
+    FoPruPruner,
     FrameFusionPruner,
+    HiREDPruner,
+    HoloVPruner,
     NonePruner,
+    PiToMePruner,
     PoolPruner,
+    PruMergePlusPruner,
+    PruMergePruner,
     PyramidDropPruner,
     Pruner,
     RandomPruner,
     SeatsPruner,
+    SMSPruner,
     SparseVLMPruner,
     ToDREPruner,
     ToMePruner,
@@ -28,6 +35,7 @@ from mmprune.methods import (
     VTCCLSPruner,
     VisionDropPruner,
     VisionZipPruner,
+    VisPrunerPruner,
 )
 
 METHODS: dict[str, type[Pruner]] = {
@@ -54,6 +62,14 @@ METHODS: dict[str, type[Pruner]] = {
         ToMePruner,
         ClusterPruner,
         VTCCLSPruner,
+        PiToMePruner,
+        SMSPruner,
+        HoloVPruner,
+        HiREDPruner,
+        FoPruPruner,
+        VisPrunerPruner,
+        PruMergePruner,
+        PruMergePlusPruner,
     )
 }
 

@@ -59,4 +59,11 @@ def keep_for(method: str) -> float:
 
 
 def averages_over_layers(method: str) -> bool:
-    return mmprune.METHODS[method].keep_means != "visual tokens kept per image" and method != "todre"
+    return (mmprune.METHODS[method].keep_means != "visual tokens kept per image" and method != "todre"
+            and not adaptive_count(method))
+
+
+def adaptive_count(method: str) -> bool:
+    """Pre-LLM methods whose data decide how many tokens stay, ``keep`` being the most (SMS's knee)."""
+    cls = mmprune.METHODS[method]
+    return cls.stage == "pre-llm" and cls.variable_counts

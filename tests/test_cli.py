@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import mmprune
-from conftest import averages_over_layers, pruning
+from conftest import adaptive_count, averages_over_layers, pruning
 from mmprune.cli import main
 from mmprune.zoo.tiny_random import build_tiny_llava
 
@@ -52,6 +52,9 @@ def test_run_json_reports_tokens(method, model_dir, image_file, capsys):
         assert per_layer == sorted(per_layer, reverse=True) and per_layer[-1] < 16
         if mmprune.METHODS[method].keep_means.startswith("equivalent average"):
             assert result["equivalent_tokens"] <= keep + 0.5
+    elif adaptive_count(method):  # keep is the most the image keeps
+        after = result["visual_tokens_after"]
+        assert 1 <= after <= 4 and result["tokens_per_layer"] == [after] * 4
     elif mmprune.METHODS[method].stage == "pre-llm":
         assert result["tokens_per_layer"] == [4] * 4 and result["equivalent_tokens"] == 4.0
     elif mmprune.METHODS[method].stage == "pre+in-llm":

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import keep_for, pruning, tiny_model
+from conftest import adaptive_count, keep_for, pruning, tiny_model
 
 import mmprune
 import tiny
@@ -116,7 +116,8 @@ def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
     n = tiny.tokens_per_image(family, 0)
     if method in PRE_LLM:
         kept = pruner.stats["samples"][0]["visual_tokens_after"]
-        assert kept == mmprune.resolve_keep(0.25, n) or method == "pool"
+        budget = mmprune.resolve_keep(0.25, n)
+        assert kept == budget or method == "pool" or (adaptive_count(method) and 1 <= kept <= budget)
         assert per_layer == [kept] * layers
     else:
         stages = pruner.stats["stage_layers"]
@@ -402,6 +403,144 @@ def rule_tome(model, inputs, k):
     new A half (slots 1, 5, 9, 13) into the B half, whatever the similarities."""
     assert k == 4
     return [3, 7, 11, 15]
+
+
+def rule_holov(model, inputs, k):
+    """HoloV with numpy: 16 * 16 // (9 * 4) = 7 contiguous chunks [3, 3, 2, 2, 2, 2, 2]; chunk score = mean of
+    1000 a + 0.09 * scale * var (cosine of projected tokens, diagonal zeroed); floor(w k) + leftovers to the largest
+    weights; each chunk's top by eager head-mean [CLS] attention (layer -2)."""
+    a = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2][0, :, 0, 1:].mean(0).double().numpy()
+    x = _features(model, inputs).double().numpy()
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
+    chunks = 16 * 16 // (9 * k)
+    sizes = [16 // chunks + int(c < 16 % chunks) for c in range(chunks)]
+    bounds = np.cumsum([0] + sizes)
+    scores = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        sim = x[s:e] @ x[s:e].T
+        np.fill_diagonal(sim, 0.0)
+        mean = sim.sum(1) / (e - s - 1)
+        var = ((sim - mean[:, None]) ** 2).sum(1) / (e - s - 1)
+        att = 1000 * a[s:e]
+        scores.append((att + 0.09 * var * np.abs(att).mean() / (np.abs(var).mean() + 1e-6)).mean())
+    w = np.array(scores) / (sum(scores) + 1e-6)
+    alloc = np.floor(w * k).astype(int)
+    for c in sorted(range(chunks), key=lambda c: -w[c])[: k - alloc.sum()]:
+        alloc[c] += 1
+    assert (alloc <= np.array(sizes)).all()  # no overflow at this budget (tests/test_holov.py covers it)
+    return sorted(int(s + i) for s, e, n in zip(bounds[:-1], bounds[1:], alloc)
+                  for i in np.argsort(-a[s:e], kind="stable")[:n])
+
+
+def rule_vispruner(model, inputs, k):
+    """VisPruner with numpy: top int(k / 2) by eager head-mean [CLS] attention (layer -2); the rest in descending
+    attention, rounds drop min(8, R - T_div, |even|) even-position candidates with the largest best cosine (of
+    hidden_states[-2]) to an odd-position one, the list becoming [other evens by descending score, odds]."""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    a = out.attentions[-2][0, :, 0, 1:].mean(0).double().numpy()
+    h = out.hidden_states[-2][0, 1:].double().numpy()
+    h = h / np.linalg.norm(h, axis=1, keepdims=True)
+    order = [int(i) for i in np.argsort(-a, kind="stable")]
+    diverse = k - k // 2
+    important, rest = order[: k // 2], order[k // 2:]
+    while len(rest) > diverse:
+        even, odd = rest[0::2], rest[1::2]
+        r = min(8, len(rest) - diverse, len(even))
+        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
+        rest = [even[i] for i in np.argsort(-best, kind="stable")[r:]] + odd
+    return sorted(important + rest)
+
+
+def rule_pitome(model, inputs, k):
+    """PiToMe with numpy, defaults (ratio 0.9, margin 0.5, alpha 1, plain mean): 16 -> 4 in twelve steps of
+    r = max(1, floor(n - 0.9 n)) = 1; energy mean_j ELU(cos_ij - 0.5); the 2r most energetic alternate into A/B by
+    rank, each A joins its most similar B; protected tokens then B tokens go on."""
+    x = _features(model, inputs).double().numpy()
+    slots = list(range(len(x)))
+    while len(x) > k:
+        n = len(x)
+        r = min(max(1, int(np.floor(n - n * 0.9))), n // 2, n - k)
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sim = u @ u.T
+        d = sim - 0.5
+        rank = np.argsort(-np.where(d > 0, d, np.expm1(d)).mean(1), kind="stable")
+        a, b, protected = rank[:2 * r:2], rank[1:2 * r:2], rank[2 * r:]
+        groups = {int(j): [int(j)] for j in b}
+        for i in a:
+            groups[int(b[np.argmax(sim[i, b])])].append(int(i))
+        x = np.stack([x[i] for i in protected] + [x[groups[int(j)]].mean(0) for j in b])
+        slots = [slots[i] for i in protected] + [slots[j] for j in b]
+    return sorted(slots)
+
+
+def rule_sms(model, inputs, k):
+    """The adaptive count, computed here (k is the method's own count, only checked): cosine of each patch's
+    hidden state to [CLS]'s at the feature layer (hidden_states[-2]), sorted descending; the knee is the point of
+    largest signed distance below the line through the first and last points; the tokens before it, at most the
+    test's budget of 4."""
+    with torch.no_grad():
+        hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+    h = hidden[0].double().numpy()
+    cos = h[1:] @ h[0] / (np.linalg.norm(h[1:], axis=1) * np.linalg.norm(h[0]))
+    order = np.argsort(-cos, kind="stable")
+    y, n = cos[order], len(cos)
+    dx, dy = n - 1, y[-1] - y[0]
+    below = -(dx * (y - y[0]) - dy * np.arange(n)) / np.hypot(dx, dy)
+    knee = int(np.argmax(below))
+    count = min(knee if below[knee] > 0 else n, 4)
+    assert count == k
+    return sorted(order[:count].tolist())
+
+
+def _prumerge_cls_attention(model, inputs):
+    """PruMerge's code: q_proj / k_proj outputs of the last CLIP layer (full width, one head) on its input
+    (layer_norm1 of hidden_states[-2] of the eager tower), softmax(q_cls k^T / sqrt(width)), [CLS] column dropped."""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    tower = model.model.vision_tower
+    last = getattr(tower, "vision_model", tower).encoder.layers[-1]
+    with torch.no_grad():
+        x = last.layer_norm1(out.hidden_states[-2])
+        q, key = last.self_attn.q_proj(x), last.self_attn.k_proj(x)
+        return ((q @ key.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)[0, 0, 1:].double().numpy()
+
+
+def rule_prumerge(model, inputs, k, plus=False):
+    """The adaptive count, computed here (k is the method's own count, only checked) under the test's budget of 4:
+    outliers above numpy's Q3 + 1.5 IQR, by descending attention (at most 3); PruMerge+ then the positions
+    0, s, 2s, ... < 15 not already kept (s = (16 // outliers) // 3, 16 with no outlier), s widened while they do not
+    fit in 3; then the extra token in the slot of the pruned token of highest attention."""
+    a = _prumerge_cls_attention(model, inputs)
+    q1, q3 = np.percentile(a, [25, 75])
+    outliers = int((a > q3 + 1.5 * (q3 - q1)).sum())
+    kept = [int(i) for i in np.argsort(-a, kind="stable")[:min(outliers, 3)]]
+    if plus:
+        step = max(1, 16 // outliers // 3) if outliers else 16
+        samples = [p for p in range(0, 15, step) if p not in kept]
+        while len(kept) + len(samples) > 3 and step < 16:
+            step += 1
+            samples = [p for p in range(0, 15, step) if p not in kept]
+        kept += samples if len(kept) + len(samples) <= 3 else []
+    kept.append(max((i for i in range(16) if i not in kept), key=lambda i: a[i]))
+    assert len(kept) == k
+    return sorted(kept)
+
+
+def rule_prumerge_plus(model, inputs, k):
+    return rule_prumerge(model, inputs, k, plus=True)
+
+
+def rule_hired(model, inputs, k):
+    """One crop (LLaVA-1.5): the whole budget to the top-k by the late layer's [CLS] row summed over heads; the late
+    layer defaults to the feature layer (attentions[-2], layer 22 of CLIP-L's 24)."""
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
+    return sorted(attn[0, :, 0, 1:].sum(0).topk(k).indices.tolist())
+
+
+def rule_fopru(model, inputs, k):
+    """rank strategy on the CLIP tower: the attention each patch receives at the feature layer, mean over every
+    query ([CLS] included) and head."""
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
+    return sorted(attn[0, :, :, 1:].mean((0, 1)).topk(k).indices.tolist())
 
 
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}

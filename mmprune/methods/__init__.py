@@ -18,17 +18,24 @@ from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
+from mmprune.methods.fopru import FoPruPruner
 from mmprune.methods.framefusion import FrameFusionPruner
+from mmprune.methods.hired import HiREDPruner
+from mmprune.methods.holov import HoloVPruner
 from mmprune.methods.none import NonePruner
+from mmprune.methods.pitome import PiToMePruner
 from mmprune.methods.pool import PoolPruner
+from mmprune.methods.prumerge import PruMergePlusPruner, PruMergePruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
 from mmprune.methods.seats import SeatsPruner
+from mmprune.methods.sms import SMSPruner
 from mmprune.methods.sparsevlm import SparseVLMPruner
 from mmprune.methods.todre import ToDREPruner
 from mmprune.methods.tome import ToMePruner
 from mmprune.methods.uniform import UniformPruner
 from mmprune.methods.visiondrop import VisionDropPruner
+from mmprune.methods.vispruner import VisPrunerPruner
 from mmprune.methods.vtc_cls import VTCCLSPruner
 from mmprune.methods.visionzip import VisionZipPruner
 
@@ -42,17 +49,24 @@ __all__ = [
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",
+    "FoPruPruner",
     "FrameFusionPruner",
+    "HiREDPruner",
+    "HoloVPruner",
     "HybridPruner",
     "InLLMPruner",
     "MultiStagePruner",
     "NonePruner",
+    "PiToMePruner",
     "PoolPruner",
     "PreLLMPruner",
+    "PruMergePlusPruner",
+    "PruMergePruner",
     "Pruner",
     "PyramidDropPruner",
     "RandomPruner",
     "SeatsPruner",
+    "SMSPruner",
     "SingleStagePruner",
     "SparseVLMPruner",
     "ToDREPruner",
@@ -61,5 +75,6 @@ __all__ = [
     "VideoPruner",
     "VTCCLSPruner",
     "VisionDropPruner",
+    "VisPrunerPruner",
     "VisionZipPruner",
 ]

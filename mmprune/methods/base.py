@@ -53,6 +53,9 @@ class Pruner:
     # optional encoder fields the method reads whose capture costs memory on every forward (e.g. every CLIP layer's
     # input for "cls_attention_by_layer"); the adapter captures them only for methods that list them
     encoder_fields: ClassVar[tuple[str, ...]] = ()
+    # whether an image (pre-LLM: an adaptive count, keep its upper bound) or a stage (in-LLM) may keep fewer tokens
+    # than its budget or its schedule's count
+    variable_counts: ClassVar[bool] = False
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -192,7 +195,6 @@ class InLLMPruner(Pruner):
 
     stage: ClassVar[str] = "in-llm"
     default_positions: ClassVar[str | None] = None
-    variable_counts: ClassVar[bool] = False  # whether a stage may keep fewer tokens than its schedule's count
     attention_scored: ClassVar[bool] = True  # whether debias applies (scores are attention probabilities)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,16 @@ from mmprune.media import Segment, MediaItem
 from mmprune.models.base import ModelAdapter, capture_input, capture_output
 
 
+# Optional fields read from the last encoder layer (LLaVA-PruMerge), captured only for methods that list one in
+# their encoder_fields: ``last_layer_cls_attention`` (N,) and ``last_layer_keys`` (N, D), see
+# ClipTower.last_layer_cls_attention_and_keys.
+LAST_LAYER_FIELDS = ("last_layer_cls_attention", "last_layer_keys")
+# Optional fields read from every encoder layer, captured (every layer's attention input) only for methods that list
+# one: ``cls_attention_by_layer`` (layers, heads, N) [CLS] rows (VTC-CLS, HiRED) and ``received_attention_by_layer``
+# (layers, heads, N) the attention each token receives, mean over its crop's queries (HiPrune).
+EVERY_LAYER_FIELDS = ("cls_attention_by_layer", "received_attention_by_layer")
+
+
 class ClipTower:
     """[CLS] attention, keys and hidden states of one CLIP layer, recomputed from hooked inputs.
 
@@ -38,9 +48,10 @@ class ClipTower:
         self.layer = layers[index]
         self.attention = self.layer.self_attn  # hooked for its input; its fields are read through upstream
 
-    def install(self, adapter: ModelAdapter, every_layer: bool = False) -> list:
+    def install(self, adapter: ModelAdapter, every_layer: bool = False, last_layer: bool = False) -> list:
         """Hooks on the feature layer; with ``every_layer`` also on every layer's attention input (which keeps
-        them all alive until the next encoder call), for methods that read several layers (VTC-CLS)."""
+        them all alive until the next encoder call), for methods that read several layers (VTC-CLS); with
+        ``last_layer`` on the last layer's attention input (PruMerge)."""
         handles = [
             self.attention.register_forward_pre_hook(capture_input(adapter, "clip_attn_in"), with_kwargs=True),
             self.layer.register_forward_hook(capture_output(adapter, "clip_layer_out")),
@@ -49,7 +60,28 @@ class ClipTower:
             handles += [layer.self_attn.register_forward_pre_hook(capture_input(adapter, f"clip_attn_in_{i}"),
                                                                   with_kwargs=True)
                         for i, layer in enumerate(self.layers)]
+        if last_layer:
+            handles.append(self.layers[-1].self_attn.register_forward_pre_hook(
+                capture_input(adapter, "clip_last_attn_in"), with_kwargs=True))
         return handles
+
+    def last_layer_cls_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, 1+N) [CLS]-row attention of the **last** encoder layer taken single-headed over the full width,
+        ``softmax(q_cls k^T / sqrt(D))`` with the full-width ``q_proj`` / ``k_proj`` outputs (biases included,
+        heads not split), as LLaVA-PruMerge's code computes it from hooked ``q_proj`` / ``k_proj``; and (crops,
+        1+N, D) those full-width keys."""
+        hidden, _ = store["clip_last_attn_in"]
+        attn = upstream.clip_attention(self.layers[-1])
+        with torch.no_grad():
+            q = attn.q_proj(hidden[:, :1]).float()
+            k = attn.k_proj(hidden).float()
+            probs = ((q @ k.transpose(-1, -2)).squeeze(1) * k.shape[-1] ** -0.5).softmax(dim=-1)
+        return probs, k
+
+    def received_by_layer(self, store: dict) -> torch.Tensor:
+        """(layers, crops, heads, 1+N): every encoder layer's received attention (column mean over the crop's
+        queries)."""
+        return torch.stack([self.received_attention_and_keys(store, i)[0] for i in range(len(self.layers))])
 
     def cls_rows_by_layer(self, store: dict) -> torch.Tensor:
         """(layers, crops, heads, 1+N): every encoder layer's [CLS]-row attention probabilities."""
@@ -69,11 +101,13 @@ class ClipTower:
             probs = logits.softmax(dim=-1)
         return probs, k.float().mean(dim=1)
 
-    def received_attention_and_keys(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def received_attention_and_keys(self, store: dict,
+                                    layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, heads, L) mean attention each token receives from every query of its crop, and (crops, L, d_h)
-        head-mean keys: the substitute for [CLS] attention on towers without one (SigLIP), as for Qwen2-VL."""
-        hidden, _ = store["clip_attn_in"]
-        attn = upstream.clip_attention(self.layer)
+        head-mean keys, of the feature layer (or of encoder ``layer``): the substitute for [CLS] attention on towers
+        without one (SigLIP), as for Qwen2-VL."""
+        hidden, _ = store["clip_attn_in" if layer is None else f"clip_attn_in_{layer}"]
+        attn = upstream.clip_attention(self.layer if layer is None else self.layers[layer])
         heads, head_dim = attn.num_heads, attn.head_dim
         crops, length, _ = hidden.shape
         received = torch.zeros(crops, heads, length, dtype=torch.float32, device=hidden.device)
@@ -92,8 +126,9 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     default_positions = "renumber"
-    layer_rows = True  # the tower has [CLS], so every layer's [CLS] row can be offered (cls_attention_by_layer)
+    layer_rows = True  # the tower has [CLS], so every layer's [CLS] row can be offered (EVERY_LAYER_FIELDS)
     every_layer = False  # whether this attachment captures every layer (install_capture)
+    last_layer = False  # whether it captures the last layer's input (LAST_LAYER_FIELDS)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -108,8 +143,9 @@ class LlavaAdapter(ModelAdapter):
     def install_capture(self, extra: tuple[str, ...] = ()) -> list:
         if self.clip is None:
             return []
-        self.every_layer = self.layer_rows and "cls_attention_by_layer" in extra
-        return self.clip.install(self, every_layer=self.every_layer)
+        self.every_layer = self.layer_rows and any(name in extra for name in EVERY_LAYER_FIELDS)
+        self.last_layer = self.layer_rows and any(name in extra for name in LAST_LAYER_FIELDS)
+        return self.clip.install(self, every_layer=self.every_layer, last_layer=self.last_layer)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.inner.multi_modal_projector(features)
@@ -138,6 +174,26 @@ class LlavaAdapter(ModelAdapter):
             store["clip_cls_layers"] = self.clip.cls_rows_by_layer(store)
         return store["clip_cls_layers"]
 
+    def clip_received_layers(self, store: dict) -> torch.Tensor:
+        """(layers, crops, heads, 1+N) received attention of every encoder layer in this forward, computed once,
+        only when a method reads ``received_attention_by_layer`` (HiPrune)."""
+        if "clip_received_layers" not in store:
+            store["clip_received_layers"] = self.clip.received_by_layer(store)
+        return store["clip_received_layers"]
+
+    def clip_last_tables(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, 1+N) last-layer single-headed [CLS] rows and (crops, 1+N, D) full-width keys, computed once."""
+        if "clip_last" not in store:
+            store["clip_last"] = self.clip.last_layer_cls_attention_and_keys(store)
+        return store["clip_last"]
+
+    def clip_received(self, store: dict) -> torch.Tensor:
+        """(crops, heads, 1+N) attention each token receives at the feature layer (mean over its crop's queries),
+        computed once, only when a method reads ``received_attention`` (FoPru)."""
+        if "clip_received" not in store:
+            store["clip_received"] = self.clip.received_attention_and_keys(store)[0]
+        return store["clip_received"]
+
     def _lazy(self, i: int, with_cls: bool) -> dict:
         if self.clip is None:
             return {}
@@ -148,9 +204,14 @@ class LlavaAdapter(ModelAdapter):
             "token_attention": lambda: self.clip_tables(store)[0][i, :, first:],
             "vision_keys": lambda: self.clip_tables(store)[1][i, first:],
             "vision_features": lambda: store["clip_layer_out"][i, first:],
+            "received_attention": lambda: self.clip_received(store)[i, :, first:],
         }
         if not with_cls:
             lazy["cls_feature"] = lambda: store["clip_layer_out"][i, 0]
         if self.every_layer:
             lazy["cls_attention_by_layer"] = lambda: self.clip_layer_rows(store)[:, i, :, first:]
+            lazy["received_attention_by_layer"] = lambda: self.clip_received_layers(store)[:, i, :, first:]
+        if self.last_layer:
+            lazy["last_layer_cls_attention"] = lambda: self.clip_last_tables(store)[0][i, first:]
+            lazy["last_layer_keys"] = lambda: self.clip_last_tables(store)[1][i, first:]
         return lazy

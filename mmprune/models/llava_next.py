@@ -77,8 +77,16 @@ class LlavaNextAdapter(LlavaAdapter):
             "token_attention": lambda: gather(self.clip_tables(store)[0].permute(0, 2, 1)).T,
             "vision_keys": lambda: gather(self.clip_tables(store)[1]),
             "vision_features": lambda: gather(store["clip_layer_out"]),
+            "received_attention": lambda: gather(self.clip_received(store).permute(0, 2, 1)).T,
+            # 0: the image's base crop, 1 + j: its j-th anyres sub-image (processor order), -1: newline (HiRED)
+            "crop_index": lambda: torch.where(valid, crop - crop[valid].min(), -1),
         }
         if self.every_layer:
             lazy["cls_attention_by_layer"] = lambda: gather(self.clip_layer_rows(store).permute(1, 3, 0, 2)).permute(
                 1, 2, 0)
+            lazy["received_attention_by_layer"] = lambda: gather(
+                self.clip_received_layers(store).permute(1, 3, 0, 2)).permute(1, 2, 0)
+        if self.last_layer:  # each crop's own [CLS] row and keys; newline tokens get zeros
+            lazy["last_layer_cls_attention"] = lambda: gather(self.clip_last_tables(store)[0])
+            lazy["last_layer_keys"] = lambda: gather(self.clip_last_tables(store)[1])
         return lazy
