@@ -67,3 +67,11 @@ def adaptive_count(method: str) -> bool:
     """Pre-LLM methods whose data decide how many tokens stay, ``keep`` being the most (SMS's knee)."""
     cls = mmprune.METHODS[method]
     return cls.stage == "pre-llm" and cls.variable_counts
+
+
+def record_selects(monkeypatch, cls) -> list:
+    """``(tokens, k)`` of every ``select`` call of the pre-LLM method class ``cls`` from now on."""
+    seen = []
+    original = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, tokens, k: seen.append((tokens, k)) or original(self, tokens, k))
+    return seen

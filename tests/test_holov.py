@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import record_selects, tiny_model
 
 import mmprune
 import tiny
@@ -122,10 +122,7 @@ def reference_holov(a: np.ndarray, x: np.ndarray, k: int) -> list[int]:
 def test_qwen_scores_by_received_attention_and_post_merger_embeddings(family_name, monkeypatch):
     """Without [CLS] the score is the adapter's received attention (head mean) and the similarity is on the
     embeddings entering the LLM, as the authors' Qwen2.5-VL port."""
-    seen = []
-    original = HoloVPruner.select
-    monkeypatch.setattr(HoloVPruner, "select", lambda self, tokens, k: seen.append((tokens, k)) or
-                        original(self, tokens, k))
+    seen = record_selects(monkeypatch, HoloVPruner)
     model = tiny_model(family_name)
     pruner = mmprune.get("holov", keep=0.25)
     with pruner.attach(model), torch.no_grad():

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import record_selects, tiny_model
 
 import mmprune
 import tiny
@@ -115,10 +115,7 @@ def reference_vispruner(a: np.ndarray, x: np.ndarray, k: int, ratio: float = 0.5
 
 @pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_ranks_by_received_attention_and_compares_llm_input_embeddings(family_name, monkeypatch):
-    seen = []
-    original = VisPrunerPruner.select
-    monkeypatch.setattr(VisPrunerPruner, "select", lambda self, tokens, k: seen.append((tokens, k)) or
-                        original(self, tokens, k))
+    seen = record_selects(monkeypatch, VisPrunerPruner)
     model = tiny_model(family_name)
     pruner = mmprune.get("vispruner", keep=8)
     with pruner.attach(model), torch.no_grad():

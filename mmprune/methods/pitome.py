@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmprune.media import MediaItem, Selection
 from mmprune.methods.base import PreLLMPruner
 from mmprune.methods.params import Bool, Float, param
-from mmprune.methods.tome import bipartite_merge
+from mmprune.methods.tome import bipartite_merge, merge_to_budget
 
 
 def pitome_energy(x: torch.Tensor, margin: float, alpha: float) -> torch.Tensor:
@@ -94,10 +94,5 @@ class PiToMePruner(PreLLMPruner):
     summary: ClassVar[str] = "energy-protected merging of the projected tokens down to the budget (PiToMe)"
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        x = tokens.embeds.float()
-        slots = torch.arange(tokens.num_tokens, device=x.device)
-        size = torch.ones(tokens.num_tokens, device=x.device)
-        while x.shape[0] > k:
-            r = step_r(x.shape[0], k, self.ratio)
-            x, slots, size = pitome_merge(x, slots, size, r, self.margin, self.alpha, self.weighted)
-        return Selection(slots=slots, embeds=x.to(tokens.embeds.dtype), merged=int((size > 1).sum()))
+        return merge_to_budget(tokens, k, lambda x, slots, size: pitome_merge(
+            x, slots, size, step_r(x.shape[0], k, self.ratio), self.margin, self.alpha, self.weighted))

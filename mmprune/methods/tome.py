@@ -62,9 +62,16 @@ class ToMePruner(PreLLMPruner):
     summary: ClassVar[str] = "bipartite soft matching of the projected tokens down to the budget (ToMe)"
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        x = tokens.embeds.float()
-        slots = torch.arange(tokens.num_tokens, device=x.device)
-        size = torch.ones(tokens.num_tokens, device=x.device)
-        while x.shape[0] > k:
-            x, slots, size = bipartite_merge(x, slots, size, min(x.shape[0] - k, x.shape[0] // 2), self.weighted)
-        return Selection(slots=slots, embeds=x.to(tokens.embeds.dtype), merged=int((size > 1).sum()))
+        return merge_to_budget(tokens, k, lambda x, slots, size: bipartite_merge(
+            x, slots, size, min(x.shape[0] - k, x.shape[0] // 2), self.weighted))
+
+
+def merge_to_budget(tokens: MediaItem, k: int, step) -> Selection:
+    """Repeat a merging ``step(x, slots, size) -> (x, slots, size)`` on an image's projected tokens until ``k``
+    remain (ToMe's and PiToMe's loops); every output keeps the slot of its original token."""
+    x = tokens.embeds.float()
+    slots = torch.arange(tokens.num_tokens, device=x.device)
+    size = torch.ones(tokens.num_tokens, device=x.device)
+    while x.shape[0] > k:
+        x, slots, size = step(x, slots, size)
+    return Selection(slots=slots, embeds=x.to(tokens.embeds.dtype), merged=int((size > 1).sum()))
