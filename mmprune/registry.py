@@ -14,8 +14,10 @@ from mmprune.methods import (
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
+    FlowCutPruner,
     FoPruPruner,
     FrameFusionPruner,
+    HiPrunePruner,
     HiREDPruner,
     HoloVPruner,
     NonePruner,
@@ -66,10 +68,12 @@ METHODS: dict[str, type[Pruner]] = {
         SMSPruner,
         HoloVPruner,
         HiREDPruner,
+        HiPrunePruner,
         FoPruPruner,
         VisPrunerPruner,
         PruMergePruner,
         PruMergePlusPruner,
+        FlowCutPruner,
     )
 }
 

@@ -351,6 +351,68 @@ def clip_attention(layer: nn.Module) -> ClipAttentionParts:
                               head_dim=int(attn.head_dim), scale=float(attn.scale))
 
 
+# What in-tower pruning (FlowCut, mmprune/models/clip_pruning.py) relies on, 5.14 .. 5.24: the encoder calls each
+# CLIPEncoderLayer as a module with the hidden states first (positional, else `hidden_states=`) and a tensor (B, L,
+# D) in and out, so a forward pre-hook may hand it a shorter sequence; CLIP positions are added in the embeddings,
+# before the layers, and the vision attention has no mask, so a shorter sequence is a valid input. Its attention
+# calls the q_proj / k_proj / v_proj modules once each on the layer-normed input and splits heads as
+# view(B, L, heads, head_dim); the query scaling (`scale`) is applied inside the attention function.
+def clip_layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a CLIP encoder layer is called with."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise mismatch("CLIP encoder layers take the (B, L, D) hidden states as their first argument",
+                       f"got {type(hidden).__name__}")
+    return hidden
+
+
+def with_clip_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A CLIP encoder layer's call arguments with ``hidden`` in place of its hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def clip_value_projections(layer: nn.Module) -> dict[str, nn.Module]:
+    """``{"q", "k", "v"}``: the projection modules a CLIP layer's attention calls on its input."""
+    attn = layer.self_attn
+    return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+
+
+def clip_heads(layer: nn.Module, projected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(B, heads, L, head_dim)`` queries, keys and values from the outputs of the layer's projections (queries
+    unscaled: multiply their products by ``clip_attention(layer).scale``)."""
+    parts = clip_attention(layer)
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], parts.num_heads, parts.head_dim).transpose(1, 2)
+
+    return split(projected["q"]), split(projected["k"]), split(projected["v"])
+
+
+def tower_output_fields(output: Any) -> dict[str, Any]:
+    """The fields of a vision tower's output (a ``ModelOutput``: last_hidden_state, pooler_output, hidden_states,
+    attentions), by name."""
+    if not callable(getattr(output, "keys", None)):
+        raise mismatch("vision towers return a ModelOutput when called with return_dict=True",
+                       f"got {type(output).__name__}")
+    return {name: output[name] for name in output.keys()}
+
+
+def rebuild_tower_output(template: Any, fields: dict[str, Any]) -> Any:
+    """A vision tower output of ``template``'s type holding ``fields``."""
+    return type(template)(**fields)
+
+
+def set_image_features(output: Any, features: list[torch.Tensor]) -> None:
+    """Replace the per-image LLM-space features ``get_image_features`` returned (its ``pooler_output``), which the
+    multimodal forward scatters into the placeholder tokens."""
+    if getattr(output, "pooler_output", None) is None:
+        raise mismatch("get_image_features returns an output whose pooler_output holds one tensor per image",
+                       f"it returned {type(output).__name__}")
+    output.pooler_output = list(features)
+
+
 @dataclass(frozen=True)
 class QwenVisionParts:
     """The last vision block of Qwen2-VL / Qwen2.5-VL and the helpers to recompute its attention."""
@@ -565,6 +627,24 @@ def _check_clip(adapter: Any) -> None:
         raise mismatch("CLIP attention has q_proj, k_proj, num_heads, head_dim, scale", str(exc)) from None
 
 
+def _check_clip_layers(adapter: Any) -> None:
+    if getattr(adapter, "clip", None) is None:
+        return
+    layer = adapter.clip.layer
+    params = list(_parameters(layer.forward))
+    _require(bool(params) and params[0] == "hidden_states", "CLIP encoder layers take hidden_states first",
+             f"{type(layer).__name__}.forward takes {', '.join(params)}")
+    try:
+        projections = clip_value_projections(layer)
+    except AttributeError as exc:
+        raise mismatch("CLIP attention has q_proj, k_proj and v_proj modules", str(exc)) from None
+    _require(all(isinstance(p, nn.Module) for p in projections.values()),
+             "CLIP attention has q_proj, k_proj and v_proj modules", "they are not modules")
+    params = list(_parameters(adapter.inner.vision_tower.forward))
+    _require(bool(params) and params[0] == "pixel_values", "the vision tower takes pixel_values first",
+             f"{type(adapter.inner.vision_tower).__name__}.forward takes {', '.join(params)}")
+
+
 def _check_llava_next(adapter: Any) -> None:
     from transformers.models.llava_next import modeling_llava_next
 
@@ -669,6 +749,8 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("DynamicCache(config=...) with per-layer lengths", _check_dynamic_cache),
     Assumption("CLIP/SigLIP attention fields", _check_clip,
                families=("llava", "llava-next", "llava-next-video", "llava-onevision")),
+    Assumption("CLIP encoder layers (hidden_states first, q/k/v projection modules) and tower (pixel_values first), "
+               "for in-tower pruning", _check_clip_layers, families=("llava",)),
     Assumption("LLaVA-NeXT crop count and packing helpers", _check_llava_next,
                families=("llava-next", "llava-next-video")),
     Assumption("LLaVA-NeXT-Video pools frames with spatial_pool_stride in vision_resampler", _check_video_pooler,

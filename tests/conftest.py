@@ -75,3 +75,17 @@ def record_selects(monkeypatch, cls) -> list:
     original = cls.select
     monkeypatch.setattr(cls, "select", lambda self, tokens, k: seen.append((tokens, k)) or original(self, tokens, k))
     return seen
+
+
+@pytest.fixture(autouse=True)
+def _method_families(request):
+    """Skip a method x family case outside the method's ``families`` (FlowCut: LLaVA-1.5 only); the refusal itself
+    is tested in the method's own tests."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    method, family = params.get("method"), params.get("family") or params.get("family_name")
+    families = getattr(mmprune.METHODS.get(method), "families", ()) if isinstance(method, str) else ()
+    if families and family in tiny.BUILDERS:
+        from mmprune.models import adapter_for
+
+        if adapter_for(tiny_model(family)).family not in families:
+            pytest.skip(f"{method} supports {', '.join(families)} only")

@@ -242,6 +242,21 @@ def test_speed_mode_times_methods_on_a_random_architecture(family):
     assert "| fastv | 0.25 |" in speed_markdown(rows)
 
 
+def test_speed_mode_counts_flowcuts_shortened_encoder():
+    """FlowCut keeps as many LLM tokens as FasterVLM but prunes inside the tower (4 CLIP layers: feature layer 2,
+    layer 1 prunes to [CLS] + 4): its predicted speedup is larger, by the encoder and projector it saves."""
+    from mmprune.bench.speed import speed_sweep
+
+    geometry = dict(TINY_GEOMETRIES["llava"], vision=dict(TINY_CLIP, num_hidden_layers=4))
+    rows = speed_sweep(geometry, ["fastervlm", "flowcut"], [0.25], batches=(1, 2), text=8, reps=1, decode_steps=2,
+                       device="cpu", progress=False)
+    assert [(r["batch"], r["method"], r["status"]) for r in rows] == [
+        (1, "fastervlm", "ok"), (1, "flowcut", "ok"), (2, "fastervlm", "ok"), (2, "flowcut", "ok")]
+    for fastervlm, flowcut in (rows[:2], rows[2:]):
+        assert flowcut["tokens_per_layer_last"] == fastervlm["tokens_per_layer_last"] == 4
+        assert flowcut["flops_speedup"] > fastervlm["flops_speedup"] > 1
+
+
 def test_speed_mode_times_video_methods_on_a_video_geometry():
     from mmprune.bench.speed import speed_markdown, speed_sweep
 

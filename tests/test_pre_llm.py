@@ -362,7 +362,12 @@ def rule_divprune(model, inputs, k):
     return sorted(chosen)
 
 
-RULE_PARAMS = {"sparsevlm": {"recycle": False}}  # recycling has its own test (test_in_llm.py)
+RULE_PARAMS = {
+    "sparsevlm": {"recycle": False},  # recycling has its own test (test_in_llm.py)
+    "hiprune": {"alpha": 1.0},  # round(4 * 1.0 / 5) = 1 anchor (the default 0.1 gives none)
+}
+
+
 def rule_cluster(model, inputs, k):
     """k-means written out with numpy: evenly spaced starts, squared Euclidean distance on normalised tokens, at most
     20 rounds; each non-empty cluster keeps the slot of its first member."""
@@ -541,6 +546,38 @@ def rule_fopru(model, inputs, k):
     query ([CLS] included) and head."""
     attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2]
     return sorted(attn[0, :, :, 1:].mean((0, 1)).topk(k).indices.tolist())
+
+
+def rule_hiprune(model, inputs, k):
+    """alpha = 1 (RULE_PARAMS): round(k / 5) anchors by the eager attention each patch receives (mean over heads and
+    every query) at the object layer, 9 of 24 scaled to the tiny tower's 3 layers = layer 1 (attentions[0]); their
+    raster neighbours i - 1, i + 1, i - 4, i + 4 clamped to 0..15; then the feature layer's (attentions[-2]) best
+    patches; the first k distinct."""
+    attn = _eager_llava_vision(model, inputs["pixel_values"]).attentions
+    shallow, deep = (attn[i][0, :, :, 1:].mean((0, 1)) for i in (0, -2))
+    anchors = shallow.argsort(descending=True)[:round(k / 5)].tolist()
+    order = anchors + [min(max(a + step, 0), 15) for step in (-1, 1, -4, 4) for a in anchors]
+    order += deep.argsort(descending=True).tolist()
+    return sorted(list(dict.fromkeys(order))[:k])
+
+
+def rule_flowcut(model, inputs, k):
+    """FlowCut with numpy on the 3-layer tiny CLIP: the feature layer -2 is encoder layer 1, so only layer 0 prunes
+    (rpl = 1 - 0 - 1 = 0: straight to k patches). Score (a / sum a + sem / sum sem) * ||v||_1 from layer 0 on the
+    embeddings: a = eager head-mean [CLS] row, sem = head-mean softmax of the unscaled v_cls . v_j, v the head-mean
+    values; the top k. (tests/test_flowcut.py runs a deeper tower layer by layer.)"""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    layer = model.model.vision_tower.encoder.layers[0]
+    with torch.no_grad():
+        v = layer.self_attn.v_proj(layer.layer_norm1(out.hidden_states[0]))[0].double().numpy()
+    heads = model.config.vision_config.num_attention_heads
+    v = v.reshape(v.shape[0], heads, -1).transpose(1, 0, 2)  # (heads, 17, d)
+    logits = np.einsum("hd,hjd->hj", v[:, 0], v)
+    sem = (np.exp(logits - logits.max(1, keepdims=True)) / np.exp(logits - logits.max(1, keepdims=True)).sum(
+        1, keepdims=True)).mean(0)[1:]
+    a = out.attentions[0][0, :, 0, 1:].mean(0).double().numpy()
+    score = (a / a.sum() + sem / sem.sum()) * np.abs(v.mean(0)[1:]).sum(1)
+    return sorted(int(i) for i in np.argsort(-score, kind="stable")[:k])
 
 
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}

@@ -12,7 +12,11 @@ full ``n x n`` square as FastV and PyramidDrop do; the cache length at decode):
 The vision tower is counted the same way (CLIP: ``1 + patches`` tokens per crop, a plain GELU MLP, the patch
 embedding as a ``(patches, 3 p^2) @ (3 p^2, d)`` product), plus the projector, plus the LM head on the tokens whose
 logits are computed (the last one at prefill under ``generate``). Qwen2.5-VL's windowed vision attention is counted
-as full attention (an upper bound for the tower; the tower is the same for every method). Qwen2.5-Omni's audio tower
+as full attention (an upper bound for the tower). A method that prunes inside the tower (FlowCut) shortens the
+encoder's own sequence: its stats give, per image, the tokens entering each encoder layer
+(``encoder_tokens_per_layer``, [CLS] included), each such crop's layers are counted at those lengths (the patch
+embedding still runs on every patch), and the projector maps only the tokens that reach the feature layer; every
+other method leaves the tower as it is. Qwen2.5-Omni's audio tower
 (:func:`audio_flops`) counts its two convolutions on the real mel frames (not the chunk padding), its encoder layers
 within their attention chunks, and its projection.
 """
@@ -97,15 +101,28 @@ def layer_flops(n: int, context: int, hidden: int, kv_dim: int, intermediate: in
     return projections + attention + ffn
 
 
-def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, visual_tokens: int = 0) -> int:
+def vision_flops(g: Geometry, crops: int, tokens_per_crop: int | None = None, visual_tokens: int = 0,
+                 encoder_tokens: list[list[int]] | None = None) -> int:
     """The vision tower over ``crops`` crops of ``tokens_per_crop`` tokens, and the projector over
-    ``visual_tokens`` tokens (pre-LLM pruning does not change it: the encoder runs on every patch)."""
+    ``visual_tokens`` tokens (pre-LLM pruning does not change it: the encoder runs on every patch).
+    ``encoder_tokens``: for crops pruned inside the tower (FlowCut), the tokens entering each encoder layer, one
+    list per such crop; the other crops run whole."""
     n = tokens_per_crop if tokens_per_crop is not None else g.vision_tokens
     patches = n - g.vision_cls
-    per_crop = 2 * patches * g.patch_dim * g.vision_hidden + g.vision_layers * layer_flops(
-        n, n, g.vision_hidden, g.vision_hidden, g.vision_intermediate, g.vision_ffn_matrices)
+    shortened = list(encoder_tokens or [])
+    if len(shortened) > crops:
+        raise ValueError(f"encoder_tokens describes {len(shortened)} crops of {crops}")
+    if any(len(counts) != g.vision_layers for counts in shortened):
+        raise ValueError(f"encoder_tokens needs one count per encoder layer ({g.vision_layers})")
+
+    def layer(tokens: int) -> int:
+        return layer_flops(tokens, tokens, g.vision_hidden, g.vision_hidden, g.vision_intermediate,
+                           g.vision_ffn_matrices)
+
+    embedding = 2 * patches * g.patch_dim * g.vision_hidden
+    layers = (crops - len(shortened)) * g.vision_layers * layer(n) + sum(layer(c) for cs in shortened for c in cs)
     projector = sum(2 * visual_tokens * a * b for a, b in g.projector)
-    return crops * per_crop + projector
+    return crops * embedding + layers + projector
 
 
 def audio_flops(g: Geometry, mel_frames: int) -> int:
@@ -147,12 +164,28 @@ def decode_flops(g: Geometry, cache_per_layer: list[int], steps: int) -> int:
 
 def prefill_flops(g: Geometry, text_tokens: int, visual_per_layer: list[int], crops: int,
                   visual_before: int, tokens_per_crop: int | None = None,
-                  projected: int | None = None, audio_frames: tuple[int, ...] = ()) -> dict[str, int]:
+                  projected: int | None = None, audio_frames: tuple[int, ...] = (),
+                  encoder_tokens: list[list[int]] | None = None) -> dict[str, int]:
     """FLOPs of one sample's prefill, split: ``vision`` (tower + projector), ``llm`` and ``total``. The projector
     maps the ``visual_before`` tokens the LLM would receive, or ``projected`` tokens where pooling follows it
-    (LLaVA-OneVision's videos: every frame patch is projected, then the frame is pooled). ``audio_frames``: the mel
-    frames of each audio clip, counted in ``vision`` through :func:`audio_flops` (Qwen2.5-Omni)."""
-    vision = vision_flops(g, crops, tokens_per_crop, visual_before if projected is None else projected)
+    (LLaVA-OneVision's videos: every frame patch is projected, then the frame is pooled; FlowCut: the tokens that
+    reached the feature layer). ``audio_frames``: the mel frames of each audio clip, counted in ``vision`` through
+    :func:`audio_flops` (Qwen2.5-Omni). ``encoder_tokens``: see :func:`vision_flops`."""
+    vision = vision_flops(g, crops, tokens_per_crop, visual_before if projected is None else projected,
+                          encoder_tokens)
     vision += sum(audio_flops(g, frames) for frames in audio_frames)
     llm = llm_prefill_flops(g, text_tokens, visual_per_layer)
     return {"vision": vision, "llm": llm, "total": vision + llm}
+
+
+def tower_counts(sample: dict) -> dict:
+    """:func:`prefill_flops` keyword arguments for a stats sample (``pruner.stats["samples"][i]``) whose images were
+    pruned inside the vision tower (FlowCut): ``encoder_tokens`` (their per-layer counts) and ``projected`` (the
+    tokens the projector maps: those that reached the feature layer, the other images' whole count). Empty for
+    every other method."""
+    images = sample.get("images", [])
+    shortened = [image["encoder_tokens_per_layer"] for image in images if "encoder_tokens_per_layer" in image]
+    if not shortened:
+        return {}
+    projected = sum(image["after"] if "encoder_tokens_per_layer" in image else image["before"] for image in images)
+    return {"encoder_tokens": shortened, "projected": projected}

@@ -31,7 +31,7 @@ from transformers import (
 
 import mmprune
 from mmprune import upstream
-from mmprune.bench.flops import Geometry, prefill_flops
+from mmprune.bench.flops import Geometry, prefill_flops, tower_counts
 from mmprune.bench.sweep import implausible, timed_pair
 
 IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
@@ -254,8 +254,10 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
         audio = (100 * spec["audio"]["seconds"],) if "audio" in spec else ()
         projected = visual - (audio[0] // 4 if audio else 0)  # the vision merger maps the video tokens only
 
-        def flops(per_layer: list[int]) -> int:
-            return prefill_flops(g, text_tokens, per_layer, crops, projected, crop_tokens, audio_frames=audio)["total"]
+        def flops(per_layer: list[int], sample: dict | None = None) -> int:
+            tower = tower_counts(sample or {})  # FlowCut: the shortened encoder and projector
+            return prefill_flops(g, text_tokens, per_layer, crops, tower.get("projected", projected), crop_tokens,
+                                 audio_frames=audio, encoder_tokens=tower.get("encoder_tokens"))["total"]
 
         base = flops([visual] * g.layers)
         for method in methods:
@@ -269,7 +271,7 @@ def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(
                     pruner = mmprune.get(method, keep=keep, **extra)
                     speed = timed_pair(model, inputs, pruner, reference, reps, decode_steps)
                     per_layer = pruner.stats["samples"][0]["tokens_per_layer"]
-                    predicted = base / flops(per_layer)
+                    predicted = base / flops(per_layer, pruner.stats["samples"][0])
                     measured = speed["prefill_ref"] / speed["prefill"]
                     row.update(tokens_per_layer_last=per_layer[-1],
                                equivalent_tokens=sum(per_layer) / len(per_layer),

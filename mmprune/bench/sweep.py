@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import mmprune
 from mmprune import upstream
 from mmprune.bench.accuracy import evaluate, prompts
-from mmprune.bench.flops import Geometry, decode_flops, prefill_flops
+from mmprune.bench.flops import Geometry, decode_flops, prefill_flops, tower_counts
 from mmprune.data.synthetic import box_patches
 from mmprune.engine.session import final_kept
 
@@ -148,7 +148,7 @@ def flops_of(geometry: Geometry, result: dict, crops: int = 1) -> float:
     total = []
     for text, sample in zip(result["text_tokens"], result["sample_stats"]):
         flops = prefill_flops(geometry, text, sample["tokens_per_layer"], crops * len(sample["images"]),
-                              sample["visual_tokens_before"])
+                              sample["visual_tokens_before"], **tower_counts(sample))
         total.append(flops["total"])
     return sum(total) / len(total)
 

@@ -12,7 +12,11 @@ Interception points, all removed on detach:
    mask and positions that ``generate`` computed for the original layout onto the compacted cache;
 4. ``model.generate`` is wrapped to refuse, before anything runs, the decoding modes the engine cannot follow (no
    KV cache, beam search, several sequences per prompt, assisted decoding, static caches), and to know that a
-   forward belongs to a generation.
+   forward belongs to a generation;
+5. for a method that prunes inside the vision encoder (``prunes_in_encoder``: FlowCut), the adapter's encoder hooks
+   (``install_encoder_pruning``) shorten the tower's sequence between layers, and after each encoder call
+   ``adapter.restore_pruned`` puts the surviving features back at their placeholder slots, so the rest of the engine
+   sees an ordinary selection.
 
 The language model keeps its attention implementation (SDPA, FlashAttention); nothing asks it for attention weights.
 Every transformers detail these hooks rely on is read through :mod:`mmprune.upstream`.
@@ -55,6 +59,7 @@ class PruningSession:
         self.adapter = adapter_for(model)
         upstream.check_version()
         _verify_once(self.adapter)
+        pruner.check_family(self.adapter.family)
         pruner.check_model(self.adapter.num_layers)
         method_default = getattr(pruner, "default_positions", None)
         if method_default == "renumber" and not self.adapter.supports_renumber:
@@ -103,6 +108,8 @@ class PruningSession:
                     output = encoder(*args, **kwargs)
                 finally:
                     self._encoding = None
+                # in-tower pruning (FlowCut) shortened the features: back to one slot per placeholder token
+                output = adapter.restore_pruned(modality, output)
                 self._items[modality] = adapter.build_items(modality, output, args, kwargs)
                 return output
 
@@ -134,6 +141,8 @@ class PruningSession:
                 self._handles.append(adapter.language_model.register_forward_hook(self._after_language_model))
                 self._handles.extend(self.runner.install())
             self._handles.extend(adapter.install_capture(self.pruner.encoder_fields))
+            if self.pruner.prunes_in_encoder:
+                self._handles.extend(adapter.install_encoder_pruning(self.pruner))
         except Exception:
             self.remove()
             raise
@@ -396,6 +405,8 @@ class PruningSession:
             }
             if sel.note:
                 entry["note"] = sel.note
+            if item.has("encoder_tokens_per_layer"):  # in-tower pruning: tokens entering each encoder layer
+                entry["encoder_tokens_per_layer"] = list(item.get("encoder_tokens_per_layer"))
             if item.modality == "video":
                 frames = item.frames
                 entry["frames"] = [len(frames), frames[0].rows, frames[0].cols]

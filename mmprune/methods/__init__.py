@@ -18,8 +18,10 @@ from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
+from mmprune.methods.flowcut import FlowCutPruner
 from mmprune.methods.fopru import FoPruPruner
 from mmprune.methods.framefusion import FrameFusionPruner
+from mmprune.methods.hiprune import HiPrunePruner
 from mmprune.methods.hired import HiREDPruner
 from mmprune.methods.holov import HoloVPruner
 from mmprune.methods.none import NonePruner
@@ -49,8 +51,10 @@ __all__ = [
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",
+    "FlowCutPruner",
     "FoPruPruner",
     "FrameFusionPruner",
+    "HiPrunePruner",
     "HiREDPruner",
     "HoloVPruner",
     "HybridPruner",

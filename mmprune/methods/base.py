@@ -56,6 +56,12 @@ class Pruner:
     # whether an image (pre-LLM: an adaptive count, keep its upper bound) or a stage (in-LLM) may keep fewer tokens
     # than its budget or its schedule's count
     variable_counts: ClassVar[bool] = False
+    # the model families (adapter ``family`` names) the method supports; empty: every family. Others are refused at
+    # attach (:meth:`check_family`)
+    families: ClassVar[tuple[str, ...]] = ()
+    # whether the method prunes inside the vision encoder (FlowCut): the adapter then installs the encoder hooks that
+    # call its ``encoder_start`` / ``encoder_layer``
+    prunes_in_encoder: ClassVar[bool] = False
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -103,6 +109,11 @@ class Pruner:
 
     def check_model(self, num_layers: int) -> None:
         """Raise ``ValueError`` for hyper-parameters a ``num_layers``-layer language model cannot honour."""
+
+    def check_family(self, family: str) -> None:
+        """Raise ``ValueError`` when the method does not support the model ``family`` (see ``families``)."""
+        if self.families and family not in self.families:
+            raise ValueError(f"{self.name} supports {', '.join(self.families)} only, not {family}")
 
     @property
     def stats(self) -> dict | None:

@@ -76,6 +76,17 @@ class ModelAdapter:
         on every forward, so they are captured only when asked for."""
         return []
 
+    def install_encoder_pruning(self, pruner: Any) -> list:
+        """Hooks that let ``pruner`` (``prunes_in_encoder``: FlowCut) shorten the sequence inside the vision tower;
+        returns their handles. Families without the mechanism refuse."""
+        raise ValueError(f"{pruner.name} prunes inside the vision encoder, which mmprune implements for LLaVA-1.5's "
+                         f"CLIP tower only, not for {self.family}")
+
+    def restore_pruned(self, modality: str, output: Any) -> Any:
+        """After an encoder call whose tower dropped tokens (in-tower pruning): put each item's surviving features
+        back at their slots (zeros elsewhere), so the prompt's placeholders and the features agree again."""
+        return output
+
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
         """One ``MediaItem`` per image, in the order the model scatters them into the sequence.
 

@@ -10,6 +10,7 @@ from torch import nn
 from mmprune import upstream
 from mmprune.media import Segment, MediaItem
 from mmprune.models.base import ModelAdapter, capture_input, capture_output
+from mmprune.models.clip_pruning import ClipEncoderPruning
 
 
 # Optional fields read from the last encoder layer (LLaVA-PruMerge), captured only for methods that list one in
@@ -150,6 +151,52 @@ class LlavaAdapter(ModelAdapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.inner.multi_modal_projector(features)
 
+    def install_encoder_pruning(self, pruner: Any) -> list:
+        """FlowCut: hooks that shorten the CLIP tower's sequence between its layers (models/clip_pruning.py)."""
+        if self.family != "llava":  # LLaVA-NeXT packs its crops after the tower: not supported
+            return super().install_encoder_pruning(pruner)
+        if self.clip is None:
+            raise ValueError(f"{pruner.name} needs a CLIP tower and one integer vision_feature_layer; this model has "
+                             f"vision_feature_layer={self.feature_layer!r}")
+        tower_type = getattr(self.config.vision_config, "model_type", "")
+        if "clip" not in tower_type:  # SigLIP & co.: token 0 is a patch, there is no [CLS] to score with
+            raise ValueError(f"{pruner.name} scores tokens through the tower's [CLS] token, and this model's "
+                             f"{tower_type or 'vision'} tower has none")
+        index = next(i for i, layer in enumerate(self.clip.layers) if layer is self.clip.layer)
+        if index < 1:
+            raise ValueError(f"{pruner.name} prunes at the encoder layers before the feature layer, and "
+                             f"vision_feature_layer={self.feature_layer!r} selects encoder layer 0 (none before it)")
+        pruning = ClipEncoderPruning(self, pruner, self.inner.vision_tower, index, with_cls=self.strategy == "full")
+        return pruning.install()
+
+    def restore_pruned(self, modality: str, output: Any) -> Any:
+        """Each image's features of the patches that reached the feature layer (``captured["encoder_kept"]``) back
+        at their slots, zeros at the pruned ones (never selected: the method keeps exactly the encoder's set)."""
+        kept = self.captured.get("encoder_kept")
+        if modality != "image" or kept is None:
+            return output
+        features = upstream.image_features(output)
+        first = int(self.strategy == "full")  # [CLS] is token 0 of the image and always stays
+        n = self.side * self.side + first
+        if len(features) != len(kept):
+            raise ValueError(f"the tower encoded {len(kept)} images but get_image_features returned {len(features)}")
+        restored, slots = [], []
+        for feature, patches in zip(features, kept):
+            index = torch.cat([patches.new_zeros(first), patches + first]).to(feature.device)
+            if feature.shape[0] != index.numel():
+                raise ValueError(f"an image has {feature.shape[0]} features but {index.numel()} tokens reached the "
+                                 "feature layer (a vision_feature_layer other than the config's?)")
+            slots.append(index)
+            full = feature
+            if index.numel() < n:
+                full = feature.new_zeros(n, feature.shape[-1])
+                full[index] = feature
+            restored.append(full)
+        if any(index.numel() < n for index in slots):
+            upstream.set_image_features(output, restored)
+        self.captured["encoder_item_kept"] = slots
+        return output
+
     def build_images(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:
         features = upstream.image_features(output)
         with_cls = self.strategy == "full"
@@ -208,6 +255,9 @@ class LlavaAdapter(ModelAdapter):
         }
         if not with_cls:
             lazy["cls_feature"] = lambda: store["clip_layer_out"][i, 0]
+        if "encoder_item_kept" in store:  # in-tower pruning (FlowCut): what reached the feature layer
+            lazy["encoder_kept"] = lambda: store["encoder_item_kept"][i]
+            lazy["encoder_tokens_per_layer"] = lambda: store["encoder_counts"][i]
         if self.every_layer:
             lazy["cls_attention_by_layer"] = lambda: self.clip_layer_rows(store)[:, i, :, first:]
             lazy["received_attention_by_layer"] = lambda: self.clip_received_layers(store)[:, i, :, first:]
