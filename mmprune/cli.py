@@ -276,8 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mmprune.bench.report import write_results
     from mmprune.bench.sweep import SweepSettings, run_sweep
 
-    methods = (mmprune.available() if args.methods == "all"
-               else [resolve_method(m) for m in parse_list(args.methods, "--methods", str)])
+    methods = bench_methods(args.methods)
     keeps = [parse_keep(k) for k in parse_list(args.keep, "--keep", str)]
     for option, value in (("--batch", args.batch), ("--reps", args.reps), ("--decode-steps", args.decode_steps)):
         positive(value, option)
@@ -305,6 +304,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def bench_methods(text: str) -> list[str]:
+    """``--methods``: names, or ``all``: every method that prunes images (the benchmark's questions are about images;
+    video- and audio-only methods would pass them through whole and only repeat the unpruned row)."""
+    if text == "all":
+        return [m for m in mmprune.available() if m == "none" or mmprune.METHODS[m].prunes("image")]
+    return [resolve_method(m) for m in parse_list(text, "--methods", str)]
 
 
 def resolve_method(name: str) -> str:

@@ -55,6 +55,29 @@ class Segment:
 MODALITIES = ("image", "video", "audio")
 
 
+class PerLayer:
+    """An encoder statistic of every layer, each layer computed on first access and kept: a method that reads two
+    layers of 24 pays for two. Indexed like a ``(layers, ...)`` tensor (``table[i]``, ``len(table)``)."""
+
+    def __init__(self, depth: int, compute: Callable[[int], torch.Tensor]) -> None:
+        self.depth = depth
+        self._compute = compute
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.depth
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        layer = range(self.depth)[layer]  # negative indices as for a tensor; IndexError beyond the tower
+        if layer not in self._layers:
+            self._layers[layer] = self._compute(layer)
+        return self._layers[layer]
+
+    def stack(self) -> torch.Tensor:
+        """Every layer, ``(layers, ...)``."""
+        return torch.stack([self[i] for i in range(self.depth)])
+
+
 class MediaItem:
     """One image's or video's tokens as the LLM would receive them, plus what the vision encoder knows about them.
 

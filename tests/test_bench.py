@@ -291,3 +291,12 @@ def test_speed_mode_times_audio_methods_on_an_omni_geometry():
     assert all(by[m]["visual_tokens"] == 164 and by[m]["flops_speedup"] > 1 for m in ("seats", "random", "fastv"))
     assert by["random"]["tokens_per_layer_last"] == 16 + 50  # a quarter of the video, half of the audio
     assert by["seats"]["tokens_per_layer_last"] == 0  # every audio and video token left before the late layer
+
+
+def test_all_methods_are_the_ones_that_prune_images():
+    from mmprune.cli import bench_methods
+
+    methods = bench_methods("all")
+    assert {"none", "fastv", "fastervlm", "flowcut", "prumerge"} <= set(methods)
+    assert not {"evs", "dycoke", "framefusion", "seats"} & set(methods)
+    assert bench_methods("FastV,visionzip") == ["fastv", "visionzip"]

@@ -168,7 +168,7 @@ class Recording(HiPrunePruner):
     seen: list = []
 
     def select(self, tokens, k):
-        Recording.seen.append(tokens.get("received_attention_by_layer").mean(1))
+        Recording.seen.append(tokens.get("received_attention_by_layer").stack().mean(1))
         return super().select(tokens, k)
 
 
@@ -271,3 +271,13 @@ def test_onevision_registers_are_the_received_attention_top_k():
     inputs = tiny.batch("llava_onevision", ONE_IMAGE)
     assert kept_on(model, inputs, "hiprune", 12) == kept_on(model, inputs, "fastervlm", 12)
     assert kept_on(model, inputs, "hiprune", 12, alpha=1.0) != kept_on(model, inputs, "fastervlm", 12)
+
+
+def test_only_the_object_layer_is_computed():
+    """The per-layer table computes a layer when read: one full attention recomputation (the object layer), not
+    one per encoder layer."""
+    model = tiny_model("llava")
+    session = mmprune.get("hiprune", keep=4, alpha=1.0).attach(model)
+    with session, torch.no_grad():
+        model(**tiny.batch("llava", [[3, ("img", 0), 4]]))
+        assert sorted(session.adapter.captured["clip_received_layers"]) == [0]  # layer 1 of 3 (1-based), scaled

@@ -103,8 +103,10 @@ def plots(rows: list[dict], out: Path, family_counts: dict | None = None) -> dic
 
     ok = [r for r in rows if r["status"] == "ok" and r["method"] != "none"]
     methods = list(dict.fromkeys(r["method"] for r in ok))
-    # one colour and marker per method across the three plots; tab20 keeps 20 methods apart (the default cycle, 10)
-    colour = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    # one colour and marker per method across the three plots; tab20, then every other tab20b colour, keep 30 methods
+    # apart (the default cycle, 10)
+    palette = list(plt.cm.tab20.colors) + list(plt.cm.tab20b.colors)[::2]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     marker = {m: "os^vDP*Xph<>"[i % 12] for i, m in enumerate(methods)}
     tokens_axis = "visual tokens (equivalent average over layers)"
 
@@ -112,8 +114,10 @@ def plots(rows: list[dict], out: Path, family_counts: dict | None = None) -> dic
         if xlabel:
             ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:  # beside the axes: a dozen methods would cover the points
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        handles = ax.get_legend_handles_labels()[0]
+        if handles:  # beside the axes (a dozen methods would cover the points), a column per 16 entries
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      ncols=-(-len(handles) // 16))
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

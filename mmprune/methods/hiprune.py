@@ -98,8 +98,8 @@ class HiPrunePruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         if tokens.has("received_attention_by_layer"):
-            layers = tokens.get("received_attention_by_layer")  # (layers, heads, N)
-            depth = layers.shape[0]
+            layers = tokens.get("received_attention_by_layer")  # per layer (heads, N), computed when read
+            depth = len(layers)
             if self.object_layer is not None and self.object_layer > depth:
                 raise ValueError(f"hiprune: object_layer={self.object_layer} is beyond the {depth}-layer vision "
                                  f"tower: expected 1..{depth}")

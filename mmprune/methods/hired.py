@@ -83,8 +83,8 @@ class HiREDPruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         if tokens.has("cls_attention_by_layer"):
-            rows = tokens.get("cls_attention_by_layer")  # (layers, heads, N)
-            depth = rows.shape[0]
+            rows = tokens.get("cls_attention_by_layer")  # per layer (heads, N), computed when read
+            depth = len(rows)
             for field, layer in (("early_layer", self.early_layer), ("late_layer", self.late_layer)):
                 if layer is not None and layer >= depth:
                     raise ValueError(f"hired: {field}={layer} is beyond the {depth}-layer vision tower: expected "

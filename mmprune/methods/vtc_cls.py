@@ -50,11 +50,13 @@ class VTCCLSPruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         if tokens.has("cls_attention_by_layer"):
-            rows = tokens.get("cls_attention_by_layer").float()  # (layers, heads, N)
-            if self.start_layer is not None and self.start_layer > rows.shape[0] - 2:
+            rows = tokens.get("cls_attention_by_layer")  # per layer (heads, N), computed when read
+            depth = len(rows)
+            if self.start_layer is not None and self.start_layer > depth - 2:
                 raise ValueError(f"vtc_cls: start_layer={self.start_layer} leaves no layer to sum in a "
-                                 f"{rows.shape[0]}-layer vision tower: expected 0..{rows.shape[0] - 2}")
-            scores = rows[start_layer(self.start_layer, rows.shape[0]):-1].mean(dim=1).sum(dim=0)
+                                 f"{depth}-layer vision tower: expected 0..{depth - 2}")
+            scores = sum(rows[layer].float().mean(dim=0) for layer in range(start_layer(self.start_layer, depth),
+                                                                                depth - 1))
         else:
             scores = tokens.token_attention.float().mean(dim=0)
         for segment in tokens.segments:  # newline tokens carry no attention: never kept

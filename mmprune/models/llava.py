@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmprune import upstream
-from mmprune.media import Segment, MediaItem
+from mmprune.media import MediaItem, PerLayer, Segment
 from mmprune.models.base import ModelAdapter, capture_input, capture_output
 from mmprune.models.clip_pruning import ClipEncoderPruning
 
@@ -18,8 +18,9 @@ from mmprune.models.clip_pruning import ClipEncoderPruning
 # ClipTower.last_layer_cls_attention_and_keys.
 LAST_LAYER_FIELDS = ("last_layer_cls_attention", "last_layer_keys")
 # Optional fields read from every encoder layer, captured (every layer's attention input) only for methods that list
-# one: ``cls_attention_by_layer`` (layers, heads, N) [CLS] rows (VTC-CLS, HiRED) and ``received_attention_by_layer``
-# (layers, heads, N) the attention each token receives, mean over its crop's queries (HiPrune).
+# one: ``cls_attention_by_layer`` [CLS] rows (VTC-CLS, HiRED) and ``received_attention_by_layer`` the attention each
+# token receives, mean over its crop's queries (HiPrune); each a PerLayer table of (heads, N), a layer computed when
+# read.
 EVERY_LAYER_FIELDS = ("cls_attention_by_layer", "received_attention_by_layer")
 
 
@@ -78,15 +79,6 @@ class ClipTower:
             k = attn.k_proj(hidden).float()
             probs = ((q @ k.transpose(-1, -2)).squeeze(1) * k.shape[-1] ** -0.5).softmax(dim=-1)
         return probs, k
-
-    def received_by_layer(self, store: dict) -> torch.Tensor:
-        """(layers, crops, heads, 1+N): every encoder layer's received attention (column mean over the crop's
-        queries)."""
-        return torch.stack([self.received_attention_and_keys(store, i)[0] for i in range(len(self.layers))])
-
-    def cls_rows_by_layer(self, store: dict) -> torch.Tensor:
-        """(layers, crops, heads, 1+N): every encoder layer's [CLS]-row attention probabilities."""
-        return torch.stack([self.cls_attention_and_keys(store, i)[0] for i in range(len(self.layers))])
 
     def cls_attention_and_keys(self, store: dict, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, heads, 1+N) [CLS]-row probabilities and (crops, 1+N, d_h) head-mean keys of the feature layer (or
@@ -215,18 +207,21 @@ class LlavaAdapter(ModelAdapter):
             store["clip_cls"] = self.clip.cls_attention_and_keys(store)
         return store["clip_cls"]
 
-    def clip_layer_rows(self, store: dict) -> torch.Tensor:
-        """(layers, crops, heads, 1+N) [CLS] rows of every encoder layer in this forward, computed once."""
-        if "clip_cls_layers" not in store:
-            store["clip_cls_layers"] = self.clip.cls_rows_by_layer(store)
-        return store["clip_cls_layers"]
+    def clip_layer_rows(self, store: dict, layer: int) -> torch.Tensor:
+        """(crops, heads, 1+N) [CLS] rows of encoder ``layer`` in this forward, computed once and only for the layers
+        a method reads (``cls_attention_by_layer``: VTC-CLS reads layers start..L-2, HiRED two)."""
+        cache = store.setdefault("clip_cls_layers", {})
+        if layer not in cache:
+            cache[layer] = self.clip.cls_attention_and_keys(store, layer)[0]
+        return cache[layer]
 
-    def clip_received_layers(self, store: dict) -> torch.Tensor:
-        """(layers, crops, heads, 1+N) received attention of every encoder layer in this forward, computed once,
-        only when a method reads ``received_attention_by_layer`` (HiPrune)."""
-        if "clip_received_layers" not in store:
-            store["clip_received_layers"] = self.clip.received_by_layer(store)
-        return store["clip_received_layers"]
+    def clip_received_layer(self, store: dict, layer: int) -> torch.Tensor:
+        """(crops, heads, 1+N) received attention of encoder ``layer`` in this forward, computed once and only for
+        the layers a method reads (``received_attention_by_layer``: HiPrune reads one of them)."""
+        cache = store.setdefault("clip_received_layers", {})
+        if layer not in cache:
+            cache[layer] = self.clip.received_attention_and_keys(store, layer)[0]
+        return cache[layer]
 
     def clip_last_tables(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, 1+N) last-layer single-headed [CLS] rows and (crops, 1+N, D) full-width keys, computed once."""
@@ -259,8 +254,10 @@ class LlavaAdapter(ModelAdapter):
             lazy["encoder_kept"] = lambda: store["encoder_item_kept"][i]
             lazy["encoder_tokens_per_layer"] = lambda: store["encoder_counts"][i]
         if self.every_layer:
-            lazy["cls_attention_by_layer"] = lambda: self.clip_layer_rows(store)[:, i, :, first:]
-            lazy["received_attention_by_layer"] = lambda: self.clip_received_layers(store)[:, i, :, first:]
+            lazy["cls_attention_by_layer"] = lambda: PerLayer(
+                len(self.clip.layers), lambda layer: self.clip_layer_rows(store, layer)[i, :, first:])
+            lazy["received_attention_by_layer"] = lambda: PerLayer(
+                len(self.clip.layers), lambda layer: self.clip_received_layer(store, layer)[i, :, first:])
         if self.last_layer:
             lazy["last_layer_cls_attention"] = lambda: self.clip_last_tables(store)[0][i, first:]
             lazy["last_layer_keys"] = lambda: self.clip_last_tables(store)[1][i, first:]

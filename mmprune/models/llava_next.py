@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mmprune import upstream
-from mmprune.media import Segment, MediaItem
+from mmprune.media import MediaItem, PerLayer, Segment
 from mmprune.models.llava import LlavaAdapter
 
 
@@ -82,10 +82,10 @@ class LlavaNextAdapter(LlavaAdapter):
             "crop_index": lambda: torch.where(valid, crop - crop[valid].min(), -1),
         }
         if self.every_layer:
-            lazy["cls_attention_by_layer"] = lambda: gather(self.clip_layer_rows(store).permute(1, 3, 0, 2)).permute(
-                1, 2, 0)
-            lazy["received_attention_by_layer"] = lambda: gather(
-                self.clip_received_layers(store).permute(1, 3, 0, 2)).permute(1, 2, 0)
+            lazy["cls_attention_by_layer"] = lambda: PerLayer(
+                len(self.clip.layers), lambda layer: gather(self.clip_layer_rows(store, layer).permute(0, 2, 1)).T)
+            lazy["received_attention_by_layer"] = lambda: PerLayer(
+                len(self.clip.layers), lambda layer: gather(self.clip_received_layer(store, layer).permute(0, 2, 1)).T)
         if self.last_layer:  # each crop's own [CLS] row and keys; newline tokens get zeros
             lazy["last_layer_cls_attention"] = lambda: gather(self.clip_last_tables(store)[0])
             lazy["last_layer_keys"] = lambda: gather(self.clip_last_tables(store)[1])
