@@ -171,6 +171,14 @@ class VideoPruner(PreLLMPruner):
         raise NotImplementedError
 
 
+def check_encoder_layer(method: str, name: str, layer: int | None, depth: int, first: int = 0) -> None:
+    """``ValueError`` when the hyper-parameter ``name`` (an encoder layer, numbered from ``first``) lies beyond a
+    ``depth``-layer vision tower (known only once the tower has run)."""
+    if layer is not None and layer > depth - 1 + first:
+        raise ValueError(f"{method}: {name}={layer} is beyond the {depth}-layer vision tower: expected "
+                         f"{first}..{depth - 1 + first}")
+
+
 def _registered() -> dict:
     from mmprune.registry import METHODS
 

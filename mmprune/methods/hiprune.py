@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from mmprune.media import MediaItem, Selection
-from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.base import PreLLMPruner, check_encoder_layer
 from mmprune.methods.params import Choice, Float, Int, param
 
 REFERENCE_OBJECT_LAYER, REFERENCE_DEPTH = 9, 24  # HIPRUNE_OBJECT_LAYER's default for CLIP ViT-L (24 layers)
@@ -100,9 +100,7 @@ class HiPrunePruner(PreLLMPruner):
         if tokens.has("received_attention_by_layer"):
             layers = tokens.get("received_attention_by_layer")  # per layer (heads, N), computed when read
             depth = len(layers)
-            if self.object_layer is not None and self.object_layer > depth:
-                raise ValueError(f"hiprune: object_layer={self.object_layer} is beyond the {depth}-layer vision "
-                                 f"tower: expected 1..{depth}")
+            check_encoder_layer(self.name, "object_layer", self.object_layer, depth, first=1)
             anchor_scores = layers[object_layer(self.object_layer, depth) - 1].float().mean(0)
             deep = tokens.get("received_attention").float().mean(0)
         else:  # no per-layer attention (no [CLS]: Qwen2-VL, LLaVA-OneVision): one received-attention score

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from mmprune.media import MediaItem, Selection
-from mmprune.methods.base import PreLLMPruner
+from mmprune.methods.base import PreLLMPruner, check_encoder_layer
 from mmprune.methods.params import Float, Int, param
 
 NEWLINE = -1  # partition id of LLaVA-NeXT's image-newline tokens
@@ -86,9 +86,7 @@ class HiREDPruner(PreLLMPruner):
             rows = tokens.get("cls_attention_by_layer")  # per layer (heads, N), computed when read
             depth = len(rows)
             for field, layer in (("early_layer", self.early_layer), ("late_layer", self.late_layer)):
-                if layer is not None and layer >= depth:
-                    raise ValueError(f"hired: {field}={layer} is beyond the {depth}-layer vision tower: expected "
-                                     f"0..{depth - 1}")
+                check_encoder_layer(self.name, field, layer, depth)
             late = (tokens.token_attention if self.late_layer is None else rows[self.late_layer]).float().sum(0)
             early = rows[self.early_layer].float().sum(0)
             part, subimages = partitions(tokens)
