@@ -48,11 +48,20 @@ def show(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
+def paper_citation(doc: list[str]) -> str:
+    """The docstring's ``Paper:`` paragraph (its lines up to the next blank line), as one line."""
+    start = next((i for i, line in enumerate(doc) if line.startswith("Paper:")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(doc)) if not doc[i]), len(doc))
+    return " ".join(doc[start:end]).removeprefix("Paper:").strip()
+
+
 def method_details(name: str) -> list[str]:
     """Lines describing one method: stage, what keep means, every hyper-parameter with default and allowed values."""
     cls = mmprune.METHODS[name]
     doc = [line.strip() for line in (cls.__doc__ or "").strip().splitlines()]
-    paper = next((line.removeprefix("Paper:").strip() for line in doc if line.startswith("Paper:")), "")
+    paper = paper_citation(doc)
     lines = [f"{name} ({cls.stage}): {cls.summary}", f"  paper: {paper or doc[0] if doc else ''}",
              f"  keep means: {cls.keep_means} (default {show(cls.keep)})"]
     shown = set(mmprune.registry.parameters(cls))

@@ -272,3 +272,13 @@ def test_bad_video_options_exit_2_with_one_line(args, message, qwen_dir, frames_
     assert run(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_methods_shows_the_whole_paper_paragraph(capsys):
+    from mmprune.cli import paper_citation
+
+    assert paper_citation(["Keep tokens.", "", "Paper: 'A Title' (CVPR", "2025); code x/y.", "", "Rule: ..."]) == (
+        "'A Title' (CVPR 2025); code x/y.")
+    assert paper_citation(["no citation here"]) == ""
+    assert main(["methods", "prumerge"]) == 0
+    assert "42Shawn/LLaVA-PruMerge" in capsys.readouterr().out.splitlines()[1]
