@@ -53,6 +53,9 @@ SMALL_TEXT = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers"
               "num_key_value_heads": 2, "vocab_size": 32064}
 SMALL_MROPE_TEXT = dict(SMALL_TEXT, max_position_embeddings=8192,
                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})  # head_dim 64: sections sum to 32
+# Qwen2.5-Omni-7B's audio tower (Whisper-style: 128 mel bins, 100-frame windows)
+QWEN_OMNI_7B_AUDIO = {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                      "d_model": 1280, "n_window": 100, "output_dim": 3584, "max_source_positions": 1500}
 GEOMETRIES = {
     "llava-1.5-7b": {
         "family": "llava", "vision": CLIP_L,
@@ -79,19 +82,15 @@ GEOMETRIES = {
     # grids of 448 px (16 x 16 merged tokens: 7680 video tokens) and 750 audio tokens
     "qwen2.5-omni-7b": {
         "family": "qwen2_5_omni", "video": {"frames": 60, "size": 448, "motion": 0.25}, "audio": {"seconds": 30},
-        "vision": QWEN_7B_VISION, "text": QWEN_7B_TEXT,
-        "audio_tower": {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20,
-                        "encoder_ffn_dim": 5120, "d_model": 1280, "n_window": 100, "output_dim": 3584,
-                        "max_source_positions": 1500}},
+        "vision": QWEN_7B_VISION, "text": QWEN_7B_TEXT, "audio_tower": QWEN_OMNI_7B_AUDIO},
     # its CPU variant: the same 30 s at 112 px (30 grids of 4 x 4 = 480 video tokens, 750 audio tokens), a 6-layer
     # audio tower of width 512 and the 0.5B-class decoder of "small" (24 layers, so SEATS' stages scale to
     # 14, 15, 17 and the late removal to 20)
     "small-omni": {
         "family": "qwen2_5_omni", "video": {"frames": 60, "size": 112, "motion": 0.25}, "audio": {"seconds": 30},
         "vision": SMALL_QWEN_VISION, "text": SMALL_MROPE_TEXT,
-        "audio_tower": {"num_mel_bins": 128, "encoder_layers": 6, "encoder_attention_heads": 8,
-                        "encoder_ffn_dim": 2048, "d_model": 512, "n_window": 100, "output_dim": 896,
-                        "max_source_positions": 1500}},
+        "audio_tower": dict(QWEN_OMNI_7B_AUDIO, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                            d_model=512, output_dim=896)},
     "small": {
         "family": "llava",
         "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,

@@ -50,7 +50,7 @@ class Request:
         ``{"type": "video", "video": file, folder of frames or list of frames}`` (optional ``video_start`` /
         ``video_end`` in seconds keep the frames sampled in that span); videos are sampled at ``fps`` and capped at
         ``max_frames`` (see :func:`mmprune.data.video.read_frames`). Audio is refused."""
-        from mmprune.data.video import as_frames, read_frames
+        from mmprune.data.video import as_frames, capped, read_frames
 
         images, videos, turns = [], [], []
         for message in messages:
@@ -77,10 +77,7 @@ class Request:
                         if not span:
                             raise ValueError(f"video span {start}-{end} s holds no frame sampled at {fps} fps")
                         frames = span
-                    if max_frames is not None and len(frames) > max_frames:
-                        step = (len(frames) - 1) / (max_frames - 1) if max_frames > 1 else 0
-                        frames = [frames[round(i * step)] for i in range(max_frames)]
-                    videos.append(frames)
+                    videos.append(capped(frames, max_frames))
                     kept.append({"type": "video"})
                 else:
                     raise ValueError(f"a {kind!r} item in a chat message: mmprune builds prompts from text, images "
@@ -131,8 +128,7 @@ def padded(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def processor_batch(processor, requests: list[Request]) -> dict[str, torch.Tensor]:
-    if any(r.videos for r in requests):  # pragma: no cover - model_inputs routes every video elsewhere
-        raise ValueError("processor_batch builds image prompts only")
+    """Image prompts through the model's own processor (:func:`model_inputs` routes every video elsewhere)."""
     texts = [chat_text(processor, r.messages) for r in requests]
     images = [image for r in requests for image in r.images]
     return dict(processor(text=texts, images=images or None, padding=True, padding_side="left",

@@ -140,6 +140,11 @@ def read_frames(path, fps: float = 2.0, max_frames: int | None = None) -> list[I
         frames = decode(path, fps)
     else:
         raise ValueError(f"{str(path)!r}: no such video file or folder of frames")
+    return capped(frames, max_frames)
+
+
+def capped(frames: list, max_frames: int | None) -> list:
+    """At most ``max_frames`` of ``frames``, evenly spaced over the clip (first and last kept)."""
     if max_frames is not None and len(frames) > max_frames:
         frames = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, max_frames).round()]
     return frames

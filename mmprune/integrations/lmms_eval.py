@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 
 import mmprune
 from mmprune import loading, upstream
-from mmprune.data.inputs import Request, model_inputs
+from mmprune.data.inputs import Request, model_inputs, tokenizer_of
+from mmprune.data.video import check_fps
 from mmprune.engine.session import final_kept
 from mmprune.models import adapter_for
 from mmprune.zoo import SHIPPED_MODEL
@@ -107,17 +108,15 @@ class MMPrune(lmms):
         # everything that can be checked without the model first, so a typo fails before any loading
         params = {name: literal(value) for name, value in params.items()}
         name = mmprune.registry.resolve_name(method)
-        self.pruner = mmprune.get(name, **params) if name != "none" or params else None
-        if self.pruner is not None and self.pruner.name == "none":
-            self.pruner = None  # none with its one allowed value (keep=1.0): the stock model, nothing attached
+        pruner = mmprune.get(name, **params)  # none too: it refuses any keep but 1.0
+        self.pruner = None if pruner.name == "none" else pruner  # none: the stock model, nothing attached
         if str(batch_size) == "auto":
             raise ValueError("batch_size=auto: give a number (mmprune answers requests in batches of that size)")
         self.batch_size = positive_int(batch_size, "batch_size")
         self.max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         self.max_frames = positive_int(max_frames, "max_frames")
-        if not float(fps) > 0:
-            raise ValueError(f"fps={fps!r}: expected a positive number of frames per second")
         self.fps = float(fps)
+        check_fps(self.fps)
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if processes > 1:
             raise ValueError(f"mmprune's lmms-eval model runs in one process; this run has WORLD_SIZE={processes} "
@@ -133,7 +132,7 @@ class MMPrune(lmms):
         self.adapter = adapter_for(self.model)  # an unsupported family fails here, before any request
         if self.pruner is not None:
             self.pruner.attach(self.model).detach()  # model-dependent values are checked at attach
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        tokenizer = tokenizer_of(self.processor)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # lmms-eval's interface -----------------------------------------------------------------------------------------
@@ -231,16 +230,7 @@ class MMPrune(lmms):
         line = {"task": [a[4] for a in args], "doc_ids": [a[3] for a in args], "method": self.method,
                 "kept": final_kept(stats) if self.pruner is not None else None, "stats": stats}
         with self.stats_out.open("a") as handle:
-            handle.write(json.dumps(line, default=plain) + "\n")
-
-
-def plain(value):
-    """JSON for the tensors and numbers a stats dict may hold."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
+            handle.write(json.dumps(line) + "\n")  # stats are JSON by the method contract
 
 
 def cut(text: str, until: list[str]) -> str:

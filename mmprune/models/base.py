@@ -118,6 +118,14 @@ def received_in_spans(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scali
     return received
 
 
+def once(cache: dict, key, compute: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed by ``compute()`` the first time it is asked for (per forward: the caches live in the
+    adapter's capture store, cleared at each forward start)."""
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 def capture_input(adapter: ModelAdapter, key: str) -> Callable:
     """A forward pre-hook (``with_kwargs=True``) storing the module's first input and keyword arguments in the
     adapter's current capture store (replaced at every ``get_image_features`` call)."""

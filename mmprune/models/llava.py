@@ -9,7 +9,7 @@ from torch import nn
 
 from mmprune import upstream
 from mmprune.media import MediaItem, PerLayer, Segment
-from mmprune.models.base import ModelAdapter, capture_input, capture_output
+from mmprune.models.base import ModelAdapter, capture_input, capture_output, once
 from mmprune.models.clip_pruning import ClipEncoderPruning
 
 
@@ -203,38 +203,28 @@ class LlavaAdapter(ModelAdapter):
 
     def clip_tables(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, heads, 1+N) [CLS] rows and (crops, 1+N, d_h) keys of this forward, computed once."""
-        if "clip_cls" not in store:
-            store["clip_cls"] = self.clip.cls_attention_and_keys(store)
-        return store["clip_cls"]
+        return once(store, "clip_cls", lambda: self.clip.cls_attention_and_keys(store))
 
     def clip_layer_rows(self, store: dict, layer: int) -> torch.Tensor:
         """(crops, heads, 1+N) [CLS] rows of encoder ``layer`` in this forward, computed once and only for the layers
         a method reads (``cls_attention_by_layer``: VTC-CLS reads layers start..L-2, HiRED two)."""
-        cache = store.setdefault("clip_cls_layers", {})
-        if layer not in cache:
-            cache[layer] = self.clip.cls_attention_and_keys(store, layer)[0]
-        return cache[layer]
+        return once(store.setdefault("clip_cls_layers", {}), layer,
+                    lambda: self.clip.cls_attention_and_keys(store, layer)[0])
 
     def clip_received_layer(self, store: dict, layer: int) -> torch.Tensor:
         """(crops, heads, 1+N) received attention of encoder ``layer`` in this forward, computed once and only for
         the layers a method reads (``received_attention_by_layer``: HiPrune reads one of them)."""
-        cache = store.setdefault("clip_received_layers", {})
-        if layer not in cache:
-            cache[layer] = self.clip.received_attention_and_keys(store, layer)[0]
-        return cache[layer]
+        return once(store.setdefault("clip_received_layers", {}), layer,
+                    lambda: self.clip.received_attention_and_keys(store, layer)[0])
 
     def clip_last_tables(self, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, 1+N) last-layer single-headed [CLS] rows and (crops, 1+N, D) full-width keys, computed once."""
-        if "clip_last" not in store:
-            store["clip_last"] = self.clip.last_layer_cls_attention_and_keys(store)
-        return store["clip_last"]
+        return once(store, "clip_last", lambda: self.clip.last_layer_cls_attention_and_keys(store))
 
     def clip_received(self, store: dict) -> torch.Tensor:
         """(crops, heads, 1+N) attention each token receives at the feature layer (mean over its crop's queries),
         computed once, only when a method reads ``received_attention`` (FoPru)."""
-        if "clip_received" not in store:
-            store["clip_received"] = self.clip.received_attention_and_keys(store)[0]
-        return store["clip_received"]
+        return once(store, "clip_received", lambda: self.clip.received_attention_and_keys(store)[0])
 
     def _lazy(self, i: int, with_cls: bool) -> dict:
         if self.clip is None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from mmprune import upstream
 from mmprune.media import MediaItem, Segment
+from mmprune.models.base import once
 from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import packed_segments
 
@@ -90,16 +91,10 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         first = int(self.strategy == "default")  # the patch (or [CLS]) the "default" strategy drops
 
         def received() -> tuple[torch.Tensor, torch.Tensor]:
-            if "received" not in store:
-                store["received"] = self.clip.received_attention_and_keys(store)
-            return store["received"]
+            return once(store, "received", lambda: self.clip.received_attention_and_keys(store))
 
         def packed(name: str, make: Callable[[], torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
-            def table() -> list[torch.Tensor]:
-                if name not in store:
-                    store[name] = self._pack(make(), image_sizes, crops)
-                return store[name]
-            return table
+            return lambda: once(store, name, lambda: self._pack(make(), image_sizes, crops))
 
         attention = packed("packed_attention", lambda: received()[0][:, :, first:].transpose(1, 2))
         return {

@@ -10,7 +10,7 @@ from torch import nn
 
 from mmprune import upstream
 from mmprune.media import MediaItem, Segment
-from mmprune.models.base import capture_input, received_in_spans
+from mmprune.models.base import capture_input, once, received_in_spans
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 from mmprune.models.qwen3_vl import DeepStackMixin
 
@@ -62,9 +62,7 @@ class Qwen2_5OmniAdapter(Qwen2VLAdapter):
         items = []
         for i, embeds in enumerate(upstream.audio_items(self.inner, output, args, kwargs)):
             def lazy(i: int = i) -> torch.Tensor:
-                if "audio_attention" not in store:
-                    store["audio_attention"] = self._audio_attention(store, positions)
-                return store["audio_attention"][i]
+                return once(store, "audio_attention", lambda: self._audio_attention(store, positions))[i]
 
             items.append(MediaItem(embeds, [Segment(0, 1, embeds.shape[0])], modality="audio", family=self.family,
                                    token_seconds=self.audio_token_seconds, lazy={"token_attention": lazy}))

@@ -10,7 +10,7 @@ from torch import nn
 
 from mmprune import upstream
 from mmprune.media import Segment, MediaItem
-from mmprune.models.base import ModelAdapter, capture_input, received_in_spans
+from mmprune.models.base import ModelAdapter, capture_input, once, received_in_spans
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -81,9 +81,7 @@ class Qwen2VLAdapter(ModelAdapter):
                 segments = [Segment(start=k * rows * cols, rows=rows, cols=cols, frame=k) for k in range(t)]
 
             def lazy_scores(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
-                if "scores" not in store:
-                    store["scores"] = self._received_attention(store, grid_thw)
-                return store["scores"][i]
+                return once(store, "scores", lambda: self._received_attention(store, grid_thw))[i]
 
             lazy = {
                 "token_attention": lambda f=lazy_scores: f()[0],
