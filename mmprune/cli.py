@@ -133,7 +133,7 @@ def run_once(model, processor, pruner, images: list, prompt: str, max_new_tokens
     except ValueError as exc:
         raise CliError(f"{'--video' if frames else '--image'}: {exc}") from None
     started = time.perf_counter()
-    with pruner.attach(model), torch.no_grad():
+    with pruner.attach(model, tokenizer=processor), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     elapsed = time.perf_counter() - started
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()

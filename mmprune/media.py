@@ -91,6 +91,8 @@ class MediaItem:
         sample: index of the sample (row of the batch) the item belongs to.
         index_in_sample: index of this item among the items of its modality in its sample (0 for the first).
         family: the adapter's family name, for methods whose reference treats families differently.
+        prompt: the sample's text (:class:`~mmprune.prompt.PromptText`) for a method that ``reads_prompt``;
+            ``None`` for the others.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class MediaItem:
         self._cache: dict[str, torch.Tensor] = {}
         self._project = project
         self.token_seconds = token_seconds
+        self.prompt = None  # set by the engine for methods that read the prompt
         if sum(s.size for s in segments) != embeds.shape[0]:
             raise ValueError(
                 f"segments cover {sum(s.size for s in segments)} tokens but the image has {embeds.shape[0]}"

@@ -233,8 +233,8 @@ def tokens_per_image(family: str, image_id: int) -> int:
 
 
 def batch(family: str, samples: list[list], side: str = "left") -> dict:
-    """Model inputs for samples described as lists of text lengths (int), image ids (``("img", id)``) and, on the
-    Qwen families, video ids (``("vid", id)``)."""
+    """Model inputs for samples described as lists of text lengths (int), explicit text ids (``("txt", [ids])``),
+    image ids (``("img", id)``) and, on the Qwen families, video ids (``("vid", id)``)."""
     qwen = family.startswith("qwen")
     rows, pixels, videos, audios = [], [], [], []
     for sample in samples:
@@ -243,6 +243,8 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
             if isinstance(part, tuple) and part[0] == "aud":
                 ids += [AUDIO_START] + [AUDIO_TOKEN] * tokens_per_audio(part[1], family) + [AUDIO_END]
                 audios.append(audio_features(part[1]))
+            elif isinstance(part, tuple) and part[0] == "txt":  # explicit text token ids
+                ids += list(part[1])
             elif isinstance(part, tuple) and part[0] == "vid" and family == "qwen3_vl":
                 # Qwen3-VL's layout: each temporal grid after a timestamp (a text token), in its own vision span
                 per_grid = tokens_per_video(family, part[1]) // 2

@@ -27,7 +27,7 @@ def answer(model, processor, images, questions: list[str], pruner=None, max_new_
     separate prefill-only forward is timed first (else prefill_s is 0)."""
     inputs = processor(text=prompts(processor, questions), images=list(images), padding=True, return_tensors="pt")
     inputs = inputs.to(model.device)
-    attach = pruner.attach(model) if pruner is not None else nullcontext()
+    attach = pruner.attach(model, tokenizer=processor) if pruner is not None else nullcontext()
     with attach:
         prefill = 0.0
         if timed:

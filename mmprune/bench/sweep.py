@@ -92,7 +92,7 @@ def timed_pair(model, inputs, pruner, reference, reps: int, decode_steps: int) -
 def stability(model, processor, samples, pruner, seed: int) -> float:
     """Mean Jaccard overlap of each image's final kept set with and without +-1/255 uniform pixel noise."""
     inputs = _inputs(processor, samples, model.device)
-    with pruner.attach(model):
+    with pruner.attach(model, tokenizer=processor):
         model(**inputs)
         clean = final_kept(pruner.stats)
         noisy_inputs = dict(inputs)

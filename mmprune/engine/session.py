@@ -37,6 +37,7 @@ from mmprune import upstream
 from mmprune.engine.layers import ItemTrack, LayerRunner, StageLayout
 from mmprune.engine.sequence import ItemSpan, Layout, compact_prefill, decode_inputs
 from mmprune.media import MODALITIES, MediaItem, Selection
+from mmprune.prompt import TemplateSpec, prompt_text
 
 _MISSING = object()
 
@@ -51,7 +52,7 @@ class PruningSession:
     attachment (a serving loop) keep it and call :meth:`detach`.
     """
 
-    def __init__(self, pruner: Any, model: nn.Module) -> None:
+    def __init__(self, pruner: Any, model: nn.Module, tokenizer: Any = None) -> None:
         from mmprune.models import adapter_for
 
         self.pruner = pruner
@@ -84,6 +85,13 @@ class PruningSession:
         self._inner_signature = inspect.signature(self.adapter.inner.forward)
         self._cache_argument = upstream.cache_argument(self.adapter.language_model.forward)
         self._attn_implementation = getattr(self.adapter.language_model.config, "_attn_implementation", None)
+        # a method that reads the prompt: the media placeholder ids, and the chat template's tokens when a tokenizer
+        # is given (so the instruction is told from the template)
+        self._reads_prompt = bool(getattr(pruner, "reads_prompt", False)) and hasattr(pruner, "prune_image")
+        self._tokenizer = tokenizer if self._reads_prompt else None
+        self._media_ids = [self.adapter.token_id(m) for m in self.adapter.modalities]
+        self._template = (TemplateSpec.from_tokenizer(tokenizer, self._media_ids)
+                          if self._reads_prompt and tokenizer is not None else None)
 
     # ------------------------------------------------------------------ attach / detach
     def install(self) -> None:
@@ -309,8 +317,10 @@ class PruningSession:
         started = time.perf_counter()
         spans = self._locate(items, self._input_ids.to(embeds.device))
         pre_llm = hasattr(self.pruner, "prune_image")
+        prompts = self._prompts(embeds, mask, items) if self._reads_prompt else {}
         for span, item in zip(spans, items):
             item.embeds = item.embeds.to(embeds.device, embeds.dtype)
+            item.prompt = prompts.get(item.sample)
             if pre_llm:
                 span.selection = self.pruner.prune_image(item)
         if embeds.is_cuda:
@@ -334,6 +344,11 @@ class PruningSession:
             self.adapter.compact_language_model_kwargs(kwargs, layout.source, layout.compact_mask)
         self._output_index = layout.carries.masked_fill(~layout.compact_mask, -1)
         self.pruner._stats = self._stats(spans, items, selection_ms)
+        if self._reads_prompt:  # the selection depends on the prompt: what it read, per sample
+            self.pruner._stats["reads_prompt"] = True
+            for sample, prompt in prompts.items():
+                self.pruner._stats["samples"][sample]["instruction"] = {
+                    "tokens": int(prompt.instruction.sum()), "located": prompt.located, "text": prompt.text}
         if self.runner is not None:
             tracks = [ItemTrack(sample=span.sample, index_in_sample=item.index_in_sample, modality=item.modality,
                                 positions=layout.destinations(span.sample, span.output_slots()),
@@ -343,6 +358,15 @@ class PruningSession:
             record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts)
             self._pending = (cache, layout, (record, items))
         return kwargs
+
+    def _prompts(self, embeds: torch.Tensor, mask: torch.Tensor | None, items: list[MediaItem]) -> dict:
+        """Per sample that carries media, its :class:`~mmprune.prompt.PromptText` (one object for all its items)."""
+        ids = self._input_ids.to(embeds.device)
+        real = mask.to(embeds.device).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        media = torch.isin(ids, torch.tensor(self._media_ids, device=ids.device))
+        return {sample: prompt_text(ids[sample], embeds[sample], real[sample], media[sample], self._template,
+                                    self._tokenizer)
+                for sample in sorted({item.sample for item in items})}
 
     def _decode(self, kwargs: dict, layout: Layout, stages: list[StageLayout], cache: Any) -> dict:
         query = kwargs.get("inputs_embeds")

@@ -131,7 +131,7 @@ class MMPrune(lmms):
                                                   attn_implementation, bool(trust_remote_code))
         self.adapter = adapter_for(self.model)  # an unsupported family fails here, before any request
         if self.pruner is not None:
-            self.pruner.attach(self.model).detach()  # model-dependent values are checked at attach
+            self.pruner.attach(self.model, tokenizer=self.processor).detach()  # model-dependent values are checked at attach
         tokenizer = tokenizer_of(self.processor)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -204,7 +204,7 @@ class MMPrune(lmms):
                 out = self.model.generate(**inputs, **settings)
                 stats = placeholder_stats(self.adapter, inputs)
             else:
-                with self.pruner.attach(self.model):
+                with self.pruner.attach(self.model, tokenizer=self.processor):
                     out = self.model.generate(**inputs, **settings)
                 stats = self.pruner.stats
         new = out[:, inputs["input_ids"].shape[1]:]

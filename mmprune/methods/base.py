@@ -62,6 +62,9 @@ class Pruner:
     # whether the method prunes inside the vision encoder (FlowCut): the adapter then installs the encoder hooks that
     # call its ``encoder_start`` / ``encoder_layer``
     prunes_in_encoder: ClassVar[bool] = False
+    # whether the method's selection reads the prompt (a pre-LLM method then finds ``item.prompt``, a
+    # :class:`~mmprune.prompt.PromptText`); such a selection cannot be cached by the image alone
+    reads_prompt: ClassVar[bool] = False
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -94,16 +97,20 @@ class Pruner:
         """Whether the method reduces ``modality``'s tokens (accepting a modality to pass it whole does not count)."""
         return modality in cls.modalities and modality not in cls.passes_through
 
-    def attach(self, model: torch.nn.Module) -> PruningSession:
+    def attach(self, model: torch.nn.Module, tokenizer=None) -> PruningSession:
         """Hook this method into ``model`` (a stock HF VLM) now; returns the attachment.
 
         Use it as a context manager (``with pruner.attach(model): ...``: every hook is removed on exit, also on an
         exception), or keep it for a serving loop and call ``.detach()`` when done. Model-dependent values (stage
         layers beyond the model's depth, the position policy) are checked here.
+
+        ``tokenizer`` (the model's processor or fast tokenizer) lets a method that reads the prompt
+        (``reads_prompt``) tell the user's instruction from the chat template and read it as text (see
+        :mod:`mmprune.prompt`); other methods ignore it.
         """
         from mmprune.engine.session import PruningSession
 
-        session = PruningSession(self, model)
+        session = PruningSession(self, model, tokenizer)
         session.install()
         return session
 
