@@ -6,6 +6,7 @@ import difflib
 from dataclasses import fields
 
 from mmprune.methods import (
+    CDPrunerPruner,
     ClusterPruner,
     DARTPruner,
     DivPrunePruner,
@@ -14,12 +15,15 @@ from mmprune.methods import (
     FasterVLMPruner,
     FastVPruner,
     FeatherPruner,
+    FlashVLMPruner,
     FlowCutPruner,
     FoPruPruner,
     FrameFusionPruner,
     HiPrunePruner,
     HiREDPruner,
     HoloVPruner,
+    IDPrunerPruner,
+    MMTokPruner,
     NonePruner,
     PiToMePruner,
     PoolPruner,
@@ -28,6 +32,8 @@ from mmprune.methods import (
     PyramidDropPruner,
     Pruner,
     RandomPruner,
+    RecoverablePruner,
+    SCOPEPruner,
     SeatsPruner,
     SMSPruner,
     SparseVLMPruner,
@@ -38,6 +44,7 @@ from mmprune.methods import (
     VisionDropPruner,
     VisionZipPruner,
     VisPrunerPruner,
+    ZerothOrderPruner,
 )
 
 METHODS: dict[str, type[Pruner]] = {
@@ -50,6 +57,13 @@ METHODS: dict[str, type[Pruner]] = {
         FasterVLMPruner,
         VisionZipPruner,
         DivPrunePruner,
+        CDPrunerPruner,
+        IDPrunerPruner,
+        SCOPEPruner,
+        MMTokPruner,
+        FlashVLMPruner,
+        RecoverablePruner,
+        ZerothOrderPruner,
         FastVPruner,
         PyramidDropPruner,
         FeatherPruner,

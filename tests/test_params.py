@@ -12,10 +12,13 @@ from conftest import tiny_model
 
 import mmprune
 import tiny
-from mmprune.methods.params import Bool, Check, Choice, Float, Int, Layers
+from mmprune.methods.params import Bool, Check, Choice, Float, Instance, Int, Layers
 
 DECLARED = [(name, f.name, f.metadata["check"]) for name, cls in sorted(mmprune.METHODS.items())
             for f in fields(cls) if f.init and "check" in f.metadata]
+
+
+OBJECT = object()
 
 
 def wrong_type(check: Check):
@@ -25,6 +28,8 @@ def wrong_type(check: Check):
         return "a"
     if isinstance(check, Choice):
         return 3
+    if isinstance(check, Instance):
+        return "a"  # a name, not the object itself
     raise AssertionError(f"no wrong-type value for {check}")
 
 
@@ -39,6 +44,8 @@ def out_of_range(check: Check):
         return [8, 4]
     if isinstance(check, Bool):
         return 1  # an int is not a bool
+    if isinstance(check, Instance):
+        return OBJECT  # an object without the attributes
     raise AssertionError(f"no out-of-range value for {check}")
 
 

@@ -127,15 +127,22 @@ def test_kv_cache_holds_text_plus_kept_tokens_in_every_layer(family, method):
 
 
 @pytest.mark.parametrize("method", PRE_LLM)
-def test_cached_decoding_agrees_with_full_recomputation(family, method):
+def test_cached_decoding_agrees_with_full_recomputation(family, method, monkeypatch):
     """Greedy tokens decoded on the pruned KV cache equal the argmax of one uncached pass over the pruned prompt
-    plus those tokens: positions, masks and cache agree."""
+    plus those tokens: positions, masks and cache agree. A method that reads the prompt would read the generated
+    tokens as part of the replay's question, so the replay is given the selections of the first pass."""
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
     n = GEN["max_new_tokens"]
     pruner = mmprune.get(method, keep=keep_for(method))
+    chosen = []
+    if pruner.reads_prompt:
+        prune = type(pruner).prune_image
+        monkeypatch.setattr(type(pruner), "prune_image", lambda self, tokens: (
+            chosen.pop(0) if getattr(self, "replaying", False) else chosen.append(prune(self, tokens)) or chosen[-1]))
     with pruner.attach(model), torch.no_grad():
         tokens = model.generate(**inputs, **GEN)
+        pruner.replaying = True
         full = dict(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
         if "mm_token_type_ids" in full:
             full["mm_token_type_ids"] = (tokens == tiny.IMAGE_TOKEN).int()
@@ -362,9 +369,136 @@ def rule_divprune(model, inputs, k):
     return sorted(chosen)
 
 
+def _lof_count(values, neighbours):
+    """scikit-learn's LocalOutlierFactor(contamination="auto") outlier count on scalars, written out: k = min(
+    neighbours, n - 1) nearest others (ties to the lower index), reachability max(d, k-distance of the neighbour),
+    lrd = 1 / (mean + 1e-10), outlier when mean lrd of the neighbours / own lrd > 1.5."""
+    v, n = [float(x) for x in values], len(values)
+    if n < 2:
+        return 0
+    k = min(neighbours, n - 1)
+    near = [sorted((j for j in range(n) if j != i), key=lambda j: (abs(v[i] - v[j]), j))[:k] for i in range(n)]
+    kdist = [abs(v[i] - v[near[i][-1]]) for i in range(n)]
+    lrd = [1 / (np.mean([max(abs(v[i] - v[j]), kdist[j]) for j in near[i]]) + 1e-10) for i in range(n)]
+    return sum(np.mean([lrd[j] for j in near[i]]) / lrd[i] > 1.5 for i in range(n))
+
+
+def rule_recoverable(model, inputs, k):
+    """Recoverable Compression with numpy on 16 patches: a = PruMerge's last-layer single-head [CLS] attention;
+    t = cosine of each projected token to the mean of the normalised input embeddings of the 4 text tokens after
+    the image (no tokenizer: the instruction). LOF(a, v) outliers by descending a; then floor((16 - n_v) *
+    LOF(t lowered to min t at those, t) / 16) more by descending t; the budget of 4 in that order; the rest's
+    LOF(a, 10) outliers (as many as fit, one place left) are centres; the extra token takes the slot of the rest's
+    non-centre of highest a. RULE_PARAMS takes v = 3, t = 2 (the defaults 20, 20 find no outlier among 16 tiny
+    tokens): 3 visual outliers, 1 of 3 recovered tokens within the budget, no room for a centre."""
+    a = _prumerge_cls_attention(model, inputs)
+    params = RULE_PARAMS["recoverable"]
+    x = _features(model, inputs).double().numpy()
+    with torch.no_grad():
+        q = model.get_input_embeddings()(inputs["input_ids"][0, -4:]).double().numpy()
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).mean(axis=0)
+    t = x @ q / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+    visual = [int(i) for i in np.argsort(-a, kind="stable")[:_lof_count(a, params["visual_lof_neighbours"])]]
+    lowered = np.where(np.isin(np.arange(16), visual), t.min(), t)
+    n_text = (16 - len(visual)) * _lof_count(lowered, params["text_lof_neighbours"]) // 16
+    recovered = [int(i) for i in np.argsort(-t, kind="stable") if i not in visual][:n_text]
+    main = visual[:k] + recovered[:k - len(visual[:k])]
+    rest = [i for i in range(16) if i not in main]
+    room = k - len(main)
+    centres = sorted(rest, key=lambda i: -a[i])[:min(_lof_count(a[rest], 10), room - 1) if room >= 2 else 0]
+    others = [i for i in rest if i not in centres]
+    kept = main + centres + ([max(others, key=lambda i: a[i])] if centres and others else [])
+    return sorted(kept or [int(np.argmax(a))])
+
+
+def rule_zeroth_order(model, inputs, k):
+    """ZOO-Prune with numpy and the model's projector: 64 unit directions (randn from a CPU generator seeded 0,
+    normalised), S_i = mean_j ||P(x_i + 0.01 u_j) - P(x_i - 0.01 u_j)|| / 0.02 on the feature layer's patches;
+    s = min-max of S; first argmax s, then argmax s_i (1 - max cos to the kept projected tokens)."""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    features = out.hidden_states[-2][0, 1:]
+    u = torch.randn(64, features.shape[-1], generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=1, keepdim=True)
+    project = model.model.multi_modal_projector
+    with torch.no_grad():
+        s = np.array([np.mean([float(((project(f + 0.01 * d) - project(f - 0.01 * d)) / 0.02).norm()) for d in u])
+                      for f in features])
+    s = (s - s.min()) / (s.max() - s.min())
+    x = _features(model, inputs).double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    chosen = [int(np.argmax(s))]
+    while len(chosen) < k:
+        score = s * (1 - (x @ x[chosen].T).max(axis=1))
+        score[chosen] = -np.inf
+        chosen.append(int(np.argmax(score)))
+    return sorted(chosen)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def rule_mmtok(model, inputs, k):
+    """MMTok with numpy: the 4 text tokens after the image are the instruction (no tokenizer); P = softmax over the
+    16 projected tokens of cos(instruction, tokens) / 0.02, / 4; Q = softmax over columns of cos(hidden_states[-2]
+    patches) / 0.2, / 16; greedy on [P; 0.5 Q], each step's gain f(S + j) - f(S) of f(S) = sum_r max_{s in S} C[r, s]
+    evaluated explicitly, ties to the lower index."""
+    with torch.no_grad():
+        text = model.get_input_embeddings()(inputs["input_ids"][0, -4:]).double().numpy()
+    v = _features(model, inputs).double().numpy()
+    h = _eager_llava_vision(model, inputs["pixel_values"]).hidden_states[-2][0, 1:].double().numpy()
+    cover = np.vstack([_softmax(_unit(text) @ _unit(v).T / 0.02, 1) / 4,
+                       0.5 * _softmax(_unit(h) @ _unit(h).T / 0.2, 1) / 16])
+
+    def f(chosen):
+        return cover[:, chosen].max(axis=1).sum() if chosen else 0.0
+
+    chosen = []
+    while len(chosen) < k:
+        gains = [(f(chosen + [j]) - f(chosen), -j) for j in range(16) if j not in chosen]
+        chosen.append(-max(gains)[1])
+    return sorted(chosen)
+
+
+def rule_flashvlm(model, inputs, k):
+    """FlashVLM with numpy: relevance of the 16 projected tokens to all 7 text tokens of the prompt (soft max over
+    them at 0.05, softmax over the image at 0.01, power 2.5, min-max, x0.1 below the 0.995 quantile, min-max); fused
+    with the min-max eager head-mean [CLS] attention (layer -2) as sqrt(A R), both clamped at 1e-6; top int(k / 2) by
+    it, then VisPruner's rounds over the rest (descending score) on hidden_states[-2]."""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    a = out.attentions[-2][0, :, 0, 1:].mean(0).double().numpy()
+    h = _unit(out.hidden_states[-2][0, 1:].double().numpy())
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        text = model.get_input_embeddings()(ids[ids != tiny.IMAGE_TOKEN]).double().numpy()
+    s = _unit(_features(model, inputs).double().numpy()) @ _unit(text).T
+    pooled = (_softmax(s / 0.05, 1) * s).sum(1)
+    r = _softmax(pooled / 0.01, 0) ** 2.5
+    r = (r - r.min()) / (r.max() - r.min() + 1e-6)
+    r = np.where(r >= np.quantile(r, 0.995), r, 0.1 * r)
+    r = (r - r.min()) / (r.max() - r.min() + 1e-6)
+    saliency = (a - a.min()) / (a.max() - a.min() + 1e-6)
+    score = np.sqrt(np.maximum(saliency, 1e-6) * np.maximum(r, 1e-6))
+    order = [int(i) for i in np.argsort(-score, kind="stable")]
+    diverse = k - k // 2
+    important, rest = order[: k // 2], order[k // 2:]
+    while len(rest) > diverse:
+        even, odd = rest[0::2], rest[1::2]
+        drop = min(8, len(rest) - diverse, len(even))
+        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
+        rest = [even[i] for i in np.argsort(-best, kind="stable")[drop:]] + odd
+    return sorted(important + rest)
+
+
 RULE_PARAMS = {
     "sparsevlm": {"recycle": False},  # recycling has its own test (test_in_llm.py)
     "hiprune": {"alpha": 1.0},  # round(4 * 1.0 / 5) = 1 anchor (the default 0.1 gives none)
+    "recoverable": {"visual_lof_neighbours": 3, "text_lof_neighbours": 2},  # outliers among 16 tiny tokens
 }
 
 
@@ -578,6 +712,60 @@ def rule_flowcut(model, inputs, k):
     a = out.attentions[0][0, :, 0, 1:].mean(0).double().numpy()
     score = (a / a.sum() + sem / sem.sum()) * np.abs(v.mean(0)[1:]).sum(1)
     return sorted(int(i) for i in np.argsort(-score, kind="stable")[:k])
+
+
+def rule_idpruner(model, inputs, k):
+    """IDPruner with numpy: importance = eager head-mean [CLS] attention (layer -2) min-max normalised; cosine of the
+    projected tokens; the most important first, then argmax 0.5 imp - 0.5 max cos to the kept ones."""
+    a = _eager_llava_vision(model, inputs["pixel_values"]).attentions[-2][0, :, 0, 1:].mean(0).double().numpy()
+    imp = (a - a.min()) / (a.max() - a.min() + 1e-6)
+    x = _features(model, inputs).double().numpy()
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+    chosen = [int(np.argmax(imp))]
+    while len(chosen) < k:
+        score = 0.5 * imp - 0.5 * (x @ x[chosen].T).max(axis=1)
+        score[chosen] = -np.inf
+        chosen.append(int(np.argmax(score)))
+    return sorted(chosen)
+
+
+def rule_scope(model, inputs, k):
+    """SCOPE with numpy: saliency = eager [CLS] attention (layer -2, heads summed as the reference); features =
+    hidden_states[-2] patches; each step argmax of sum_i max(0, cos_ij - c_i) * a_j, c_i = best cosine to the kept
+    ones (0 before any)."""
+    out = _eager_llava_vision(model, inputs["pixel_values"])
+    a = out.attentions[-2][0, :, 0, 1:].sum(0).double().numpy()
+    h = out.hidden_states[-2][0, 1:].double().numpy()
+    h = h / np.linalg.norm(h, axis=1, keepdims=True)
+    sim = h @ h.T
+    covered, chosen = np.zeros(len(a)), []
+    for _ in range(k):
+        score = np.maximum(sim - covered[:, None], 0).sum(axis=0) * a
+        score[chosen] = -np.inf
+        chosen.append(int(np.argmax(score)))
+        covered = np.maximum(covered, sim[chosen[-1]])
+    return sorted(chosen)
+
+
+def rule_cdpruner(model, inputs, k):
+    """CDPruner without a CLIP text tower, with numpy: r = min-max of the negated mean cosine of each projected token
+    to the LLM input embeddings of the text after the image (no tokenizer: the instruction), + 1e-6 in the
+    numerator; L = r_i cos_ij r_j; greedy: each step the index maximising det L[S + j]."""
+    x = _features(model, inputs).double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        t = model.get_input_embeddings()(ids[int(_visual_columns(inputs)[-1]) + 1:]).double().numpy()
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    score = -(x @ t.T).mean(axis=1)
+    r = (score - score.min() + 1e-6) / (score.max() - score.min())
+    kernel = r[:, None] * (x @ x.T) * r[None, :]
+    chosen: list[int] = []
+    for _ in range(k):
+        dets = [np.linalg.det(kernel[np.ix_(chosen + [j], chosen + [j])]) if j not in chosen else -np.inf
+                for j in range(len(x))]
+        chosen.append(int(np.argmax(dets)))
+    return sorted(chosen)
 
 
 RULES = {name.removeprefix("rule_"): fn for name, fn in globals().items() if name.startswith("rule_")}

@@ -131,7 +131,8 @@ class MMPrune(lmms):
                                                   attn_implementation, bool(trust_remote_code))
         self.adapter = adapter_for(self.model)  # an unsupported family fails here, before any request
         if self.pruner is not None:
-            self.pruner.attach(self.model, tokenizer=self.processor).detach()  # model-dependent values are checked at attach
+            # model-dependent values (and a tokenizer a text-guided method cannot read) fail at attach
+            self.pruner.attach(self.model, tokenizer=self.processor).detach()
         tokenizer = tokenizer_of(self.processor)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -10,6 +10,7 @@ from mmprune.methods.base import (
     SingleStagePruner,
     VideoPruner,
 )
+from mmprune.methods.cdpruner import CDPrunerPruner
 from mmprune.methods.cluster import ClusterPruner
 from mmprune.methods.dart import DARTPruner
 from mmprune.methods.divprune import DivPrunePruner
@@ -18,18 +19,23 @@ from mmprune.methods.evs import EVSPruner
 from mmprune.methods.fastervlm import FasterVLMPruner
 from mmprune.methods.fastv import FastVPruner
 from mmprune.methods.feather import FeatherPruner
+from mmprune.methods.flashvlm import FlashVLMPruner
 from mmprune.methods.flowcut import FlowCutPruner
 from mmprune.methods.fopru import FoPruPruner
 from mmprune.methods.framefusion import FrameFusionPruner
 from mmprune.methods.hiprune import HiPrunePruner
 from mmprune.methods.hired import HiREDPruner
 from mmprune.methods.holov import HoloVPruner
+from mmprune.methods.idpruner import IDPrunerPruner
+from mmprune.methods.mmtok import MMTokPruner
 from mmprune.methods.none import NonePruner
 from mmprune.methods.pitome import PiToMePruner
 from mmprune.methods.pool import PoolPruner
 from mmprune.methods.prumerge import PruMergePlusPruner, PruMergePruner
 from mmprune.methods.pyramiddrop import PyramidDropPruner
 from mmprune.methods.random import RandomPruner
+from mmprune.methods.recoverable import RecoverablePruner
+from mmprune.methods.scope import SCOPEPruner
 from mmprune.methods.seats import SeatsPruner
 from mmprune.methods.sms import SMSPruner
 from mmprune.methods.sparsevlm import SparseVLMPruner
@@ -40,9 +46,11 @@ from mmprune.methods.visiondrop import VisionDropPruner
 from mmprune.methods.vispruner import VisPrunerPruner
 from mmprune.methods.vtc_cls import VTCCLSPruner
 from mmprune.methods.visionzip import VisionZipPruner
+from mmprune.methods.zeroth_order import ZerothOrderPruner
 
 __all__ = [
     "POSITION_POLICIES",
+    "CDPrunerPruner",
     "ClusterPruner",
     "DARTPruner",
     "DivPrunePruner",
@@ -51,6 +59,7 @@ __all__ = [
     "FastVPruner",
     "FasterVLMPruner",
     "FeatherPruner",
+    "FlashVLMPruner",
     "FlowCutPruner",
     "FoPruPruner",
     "FrameFusionPruner",
@@ -58,7 +67,9 @@ __all__ = [
     "HiREDPruner",
     "HoloVPruner",
     "HybridPruner",
+    "IDPrunerPruner",
     "InLLMPruner",
+    "MMTokPruner",
     "MultiStagePruner",
     "NonePruner",
     "PiToMePruner",
@@ -69,6 +80,8 @@ __all__ = [
     "Pruner",
     "PyramidDropPruner",
     "RandomPruner",
+    "RecoverablePruner",
+    "SCOPEPruner",
     "SeatsPruner",
     "SMSPruner",
     "SingleStagePruner",
@@ -81,4 +94,5 @@ __all__ = [
     "VisionDropPruner",
     "VisPrunerPruner",
     "VisionZipPruner",
+    "ZerothOrderPruner",
 ]

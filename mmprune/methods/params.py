@@ -116,6 +116,21 @@ class Layers(Check):
         return None if value is None else list(value)
 
 
+@dataclass(frozen=True)
+class Instance(Check):
+    """An object given to a method rather than a number (a model, a tokenizer), told by what it has: each of
+    ``attributes``, and a ``__call__`` when ``callable``. Duck-typed, so any class shaped like the expected one
+    passes; ``allowed`` should name that class."""
+
+    attributes: tuple[str, ...] = ()
+    callable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None or isinstance(value, (str, bytes, int, float, bool)):
+            return False
+        return all(hasattr(value, name) for name in self.attributes) and (not self.callable or callable(value))
+
+
 def param(default: Any, check: Check, help: str = "") -> Any:
     """A dataclass field with a declared check and help (see the module docstring)."""
     return field(default=default, metadata={"check": check, "help": help})

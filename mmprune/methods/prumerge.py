@@ -41,14 +41,16 @@ def uniform_positions(count: int, step: int) -> torch.Tensor:
 
 
 def prumerge_tokens(features: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, chosen: torch.Tensor,
-                    neighbours: int = REFERENCE_NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    neighbours: int = REFERENCE_NEIGHBOURS,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PruMerge's merge over one image's ``n`` candidate tokens (rows of ``features`` ``(n, D)``, ``keys``
     ``(n, d)``, [CLS] ``attention`` ``(n,)``); ``chosen`` are the positions of the kept tokens, in output order.
 
     Each kept token ``i`` becomes ``x_i + sum_{j in nn(i)} a_j x_j`` over its ``neighbours`` most key-cosine-similar
     other tokens (kept or not; all of them when fewer exist), ``a`` unnormalised, ``x`` the original features (every
-    update reads the unmerged tokens). Returns the ``(m, D)`` merged kept tokens and the extra token
-    ``sum_{j not kept} a_j x_j`` (``None`` when every token is kept). Float32.
+    update reads the unmerged tokens). ``bias`` ``(n,)``, when given, is added to every candidate ``j``'s similarity
+    before the neighbours are ranked (Recoverable Compression's text score). Returns the ``(m, D)`` merged kept
+    tokens and the extra token ``sum_{j not kept} a_j x_j`` (``None`` when every token is kept). Float32.
     """
     x = features.float()
     a = attention.float()
@@ -56,6 +58,8 @@ def prumerge_tokens(features: torch.Tensor, keys: torch.Tensor, attention: torch
     normed = F.normalize(keys.float(), p=2, dim=-1)
     rows = torch.arange(chosen.numel(), device=x.device)
     sim = normed[chosen] @ normed.T  # (m, n)
+    if bias is not None:
+        sim = sim + bias.float().to(sim.device)
     sim[rows, chosen] = float("-inf")  # a token is not its own neighbour
     width = min(neighbours, n - 1)
     merged = x[chosen].clone()
