@@ -333,20 +333,62 @@ def resolve_method(name: str) -> str:
 def bench_speed(args: argparse.Namespace, methods: list[str], keeps: list) -> int:
     import json as json_module
 
+    import torch
+
     from mmprune.bench.speed import GEOMETRIES, speed_markdown, speed_sweep
 
     if args.geometry not in GEOMETRIES:
         raise CliError(f"--geometry {args.geometry!r}: expected one of {', '.join(GEOMETRIES)}")
-    batches = [positive(b, "--batches") for b in parse_list(args.batches, "--batches", int)]
+    batches = [positive(b, "--batches") for b in parse_list(args.batches or ("8" if args.side_by_side else "1,16"),
+                                                            "--batches", int)]
+    if args.threads is not None:
+        torch.set_num_threads(positive(args.threads, "--threads"))
+    if args.side_by_side:
+        return bench_side_by_side(args, methods, keeps, batches)
     keep_audio = None if args.keep_audio is None else parse_list(args.keep_audio, "--keep-audio", parse_keep)[0]
-    rows = speed_sweep(args.geometry, methods, keeps, batches=batches, reps=args.reps,
-                       decode_steps=args.decode_steps, keep_audio=keep_audio)
+    try:
+        rows = speed_sweep(args.geometry, methods, keeps, batches=batches, reps=args.reps,
+                           decode_steps=args.decode_steps, keep_audio=keep_audio,
+                           attn_implementation=args.attn_implementation)
+    except ValueError as exc:  # the attention implementation is not available here
+        raise CliError(f"--attn-implementation: {exc}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json_module.dumps(rows, indent=1) + "\n")
     (out / "speed.md").write_text(speed_markdown(rows) + "\n")
     print(speed_markdown(rows))
     if not any(r["status"] == "ok" for r in rows):
+        print("mmprune: error: no method row succeeded (see the status column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def bench_side_by_side(args: argparse.Namespace, methods: list[str], keeps: list, batches: list[int]) -> int:
+    """``--speed --side-by-side``: side_by_side.json and side_by_side.md in ``--out``."""
+    import json as json_module
+
+    from mmprune.bench.side_by_side import side_by_side, side_by_side_markdown
+
+    if len(batches) != 1 or batches[0] < 2:
+        raise CliError(f"--batches {args.batches}: with --side-by-side expected one B >= 2 (one batch of B against "
+                       "B one by one)")
+    if not methods:
+        raise CliError("--methods: name at least one method besides none (the unpruned model is always timed)")
+    if args.attn_implementation == "flash_attention_2":  # fail before building the model
+        from importlib.util import find_spec
+
+        if find_spec("flash_attn") is None:
+            raise CliError("--attn-implementation flash_attention_2 needs the flash-attn package and a GPU; it is "
+                           "not installed here")
+    result = side_by_side(args.geometry, methods, keeps, batch=batches[0], reps=args.reps,
+                          attn_implementation=args.attn_implementation)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = side_by_side_markdown(result)
+    (out / "side_by_side.json").write_text(json_module.dumps(result, indent=1) + "\n")
+    (out / "side_by_side.md").write_text(text + "\n")
+    print(text)
+    if not any(r["status"] == "ok" for r in result["rows"] if r["implementation"] == "mmprune"):
         print("mmprune: error: no method row succeeded (see the status column)", file=sys.stderr)
         return 1
     return 0
@@ -396,7 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--geometry", default="small",
                        help="with --speed: small, small-video or small-omni (CPU), llava-1.5-7b, llava-next-7b, "
                             "qwen2.5-vl-7b, qwen2.5-vl-7b-video or qwen2.5-omni-7b")
-    bench.add_argument("--batches", default="1,16", help="with --speed: comma-separated batch sizes")
+    bench.add_argument("--batches", default=None,
+                       help="with --speed: comma-separated batch sizes (default 1,16); with --side-by-side: B, the "
+                            "prompts timed as one batch and one by one (default 8)")
+    bench.add_argument("--side-by-side", action="store_true",
+                       help="with --speed: time the unpruned model, each method and the reference-style "
+                            "implementations of FastV and FasterVLM (LLaVA geometries), each as one batch of B and "
+                            "as B one by one, with encoder time, min-max spread, noise flags and the machine; writes "
+                            "side_by_side.md/.json")
+    bench.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                       help="with --speed: the random-weight model's attention (flash_attention_2: GPU with "
+                            "flash-attn installed)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="with --speed: torch CPU threads (default: torch's; the results record it)")
     bench.add_argument("--keep-audio", default=None,
                        help="with --speed: the audio budget of the methods that prune audio (default: their keep)")
     bench.set_defaults(func=cmd_bench)

@@ -16,6 +16,7 @@ declares the same range. Outside it, attaching warns once (:func:`check_version`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -327,6 +328,74 @@ def _rope_config(config: Any) -> dict:
 LAYER_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
 
 
+# ---------------------------------------------------------------------------------------------- benchmarks
+# What `mmprune bench --speed` relies on (mmprune/bench/side_by_side.py, reference.py), 5.14 .. 5.24: multimodal
+# forwards take `logits_to_keep` (the LM head on the last positions only, as generate's prefill); every attention
+# module reads its config's `_attn_implementation` when called (so switching it for one call runs that call eagerly)
+# and returns (output, weights), the weights (B, heads, q, L) under eager attention (None under SDPA); a CLIP tower
+# called with output_attentions=True under eager attention returns one such tensor per layer in `.attentions`.
+LAST_LOGITS_ARGUMENT = "logits_to_keep"
+# the encoder modules of a multimodal model (its .model): CLIP/SigLIP tower and projector (LLaVA family), the Qwen
+# vision tower with its merger, the Omni audio tower
+ENCODER_MODULES = ("vision_tower", "multi_modal_projector", "visual", "audio_tower")
+
+
+def last_logits_only(model: nn.Module) -> dict:
+    """Forward keyword arguments that compute the logits of the last position only (``generate``'s prefill)."""
+    if not accepts(model.forward, LAST_LOGITS_ARGUMENT):
+        raise mismatch(f"multimodal forwards take {LAST_LOGITS_ARGUMENT}",
+                       f"{type(model).__name__}.forward takes {', '.join(_parameters(model.forward))}")
+    return {LAST_LOGITS_ARGUMENT: 1}
+
+
+@contextlib.contextmanager
+def attention_implementation(config: Any, name: str):
+    """Within the block, the attention modules built from ``config`` run ``name`` (``"eager"``: with attention
+    weights), as transformers' SDPA attention fell back to eager for a layer asked for its weights before 5.x."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def attention_weights(output: Any) -> torch.Tensor:
+    """The ``(B, heads, q, L)`` weights an attention module's forward returned (eager attention)."""
+    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if not isinstance(weights, torch.Tensor):
+        raise mismatch("eager attention modules return (output, weights)",
+                       f"got {type(output).__name__} whose second item is {type(weights).__name__}")
+    return weights
+
+
+def decoder_layer_output(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor from 5.x; a tuple whose first item they are before)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def runs_causal_without_mask(config: Any) -> bool:
+    """Whether ``config``'s attention implementation makes a mask-less call causal (SDPA's ``is_causal``,
+    FlashAttention); eager attention needs an explicit causal mask."""
+    return config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def encoder_modules(inner: nn.Module) -> list[nn.Module]:
+    """The encoder modules (:data:`ENCODER_MODULES`) a multimodal model's ``.model`` holds."""
+    return [getattr(inner, name) for name in ENCODER_MODULES if isinstance(getattr(inner, name, None), nn.Module)]
+
+
+def tower_attentions(tower: nn.Module, pixel_values: torch.Tensor) -> tuple[tuple, tuple]:
+    """``(hidden_states, attentions)`` of a CLIP tower run eagerly with ``output_attentions`` (every layer's
+    weights), as LLaVA-based reference code asks for them."""
+    with attention_implementation(tower.config, "eager"):
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    if not out.attentions or out.attentions[0] is None:
+        raise mismatch("a CLIP tower called with output_attentions=True under eager attention returns them",
+                       f"{type(tower).__name__} returned {type(out.attentions).__name__}")
+    return out.hidden_states, out.attentions
+
+
 # ---------------------------------------------------------------------------------------------- vision towers
 @dataclass(frozen=True)
 class ClipAttentionParts:
@@ -335,20 +404,41 @@ class ClipAttentionParts:
     num_heads: int
     head_dim: int
     scale: float
+    # InternViT normalises the full-width query and key outputs (``use_qk_norm``; Identity otherwise and on CLIP)
+    q_norm: nn.Module = nn.Identity()
+    k_norm: nn.Module = nn.Identity()
+
+    def queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width (unsplit) queries of the ``queries`` rows and keys of the ``keys`` rows, norms applied."""
+        return self.q_norm(self.q_proj(queries)), self.k_norm(self.k_proj(keys))
 
 
+# CLIP and SigLIP towers: ``(vision_model.)encoder.layers[i].self_attn``; InternViT (InternVL):
+# ``encoder.layer[i].attention``, same q_proj / k_proj / num_heads / head_dim / scale, plus q_norm / k_norm
 def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    return getattr(tower, "vision_model", tower).encoder.layers
+    encoder = getattr(tower, "vision_model", tower).encoder
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer
 
 
 def has_clip_encoder(tower: nn.Module) -> bool:
     return hasattr(getattr(tower, "vision_model", tower), "encoder")
 
 
+def vision_attention_module(layer: nn.Module) -> nn.Module:
+    """A tower layer's attention module (hooked for its input, the layer-normed hidden states)."""
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+
+
+def internvl_pixel_shuffle(inner: nn.Module, grid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """InternVL's pixel shuffle, ``(B, s, s, C)`` -> ``(B, s r, s r, C / r^2)`` (the model's own method)."""
+    return inner.pixel_shuffle(grid, scale_factor=ratio)
+
+
 def clip_attention(layer: nn.Module) -> ClipAttentionParts:
-    attn = layer.self_attn
+    attn = vision_attention_module(layer)
+    norms = {name: getattr(attn, name) for name in ("q_norm", "k_norm") if hasattr(attn, name)}
     return ClipAttentionParts(q_proj=attn.q_proj, k_proj=attn.k_proj, num_heads=int(attn.num_heads),
-                              head_dim=int(attn.head_dim), scale=float(attn.scale))
+                              head_dim=int(attn.head_dim), scale=float(attn.scale), **norms)
 
 
 # What in-tower pruning (FlowCut, mmprune/models/clip_pruning.py) relies on, 5.14 .. 5.24: the encoder calls each

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -13,6 +14,7 @@ import torch
 from conftest import omni_supported
 
 import mmprune
+from mmprune.bench.reference import REFERENCES
 from mmprune.bench.sweep import SweepSettings, run_sweep, stability
 from mmprune.cli import load, main
 from mmprune.data import synthetic
@@ -113,6 +115,9 @@ def test_bad_bench_input(model_dir, tmp_path, capsys):
                           (["--reps", "0"], "--reps 0: expected an int >= 1"),
                           (["--decode-steps", "0"], "--decode-steps 0: expected an int >= 1"),
                           (["--speed", "--batches", "1,0"], "--batches 0: expected an int >= 1"),
+                          (["--speed", "--side-by-side", "--batches", "1"], "expected one B >= 2"),
+                          (["--speed", "--side-by-side", "--methods", "none"], "at least one method besides none"),
+                          (["--speed", "--threads", "0"], "--threads 0: expected an int >= 1"),
                           (["--out", str(a_file)], "is an existing file: expected a folder")):
         argv = ["bench", "--model", model_dir, "--out", str(tmp_path), *args]
         assert main(argv) == 2, args
@@ -300,3 +305,121 @@ def test_all_methods_are_the_ones_that_prune_images():
     assert {"none", "fastv", "fastervlm", "flowcut", "prumerge"} <= set(methods)
     assert not {"evs", "dycoke", "framefusion", "seats"} & set(methods)
     assert bench_methods("FastV,visionzip") == ["fastv", "visionzip"]
+
+
+def tiny_llava_for_speed():
+    from mmprune.bench.speed import build
+
+    torch.manual_seed(0)
+    return build(TINY_GEOMETRIES["llava"], torch.device("cpu"), torch.float32)
+
+
+def test_reference_style_selections_equal_mmprunes():
+    """FastV computed as its reference code does (eager weights at layer K-1, a manual layer loop) and FasterVLM
+    from the CLIP tower's output_attentions keep the same tokens as mmprune's hooks, with the same logits; the
+    comparison can tell them apart (FastV scored one layer later keeps other tokens)."""
+    from mmprune.bench.reference import fastv_reference, supports
+    from mmprune.bench.side_by_side import stack_inputs
+    from mmprune.bench.speed import build, inputs_for
+    from mmprune.engine.session import final_kept
+
+    model = tiny_llava_for_speed()
+    samples = [inputs_for(TINY_GEOMETRIES["llava"], model, 1, 8, seed=seed)[0] for seed in range(4)]
+    later_differs = False
+    for method, params in (("fastv", {"keep": 0.25}), ("fastv", {"keep": 5, "layer": 3}),
+                           ("fastervlm", {"keep": 0.25}), ("fastervlm", {"keep": 7})):
+        pruner = mmprune.get(method, **params)
+        reference = REFERENCES[method]
+        kept = []
+        for inputs in samples:
+            with pruner.attach(model), torch.no_grad():
+                logits = model(**inputs, use_cache=True, logits_to_keep=1).logits
+            kept.append(final_kept(pruner.stats)[0][0])
+            run = reference.run(model, inputs, pruner)
+            assert run.kept == [kept[-1]], (method, params)
+            assert len(run.kept[0]) == pruner.budget(16)
+            torch.testing.assert_close(run.logits, logits, rtol=1e-4, atol=1e-4)
+            if method == "fastv" and params.get("layer") is None:
+                later_differs |= fastv_reference(model, inputs, 4, layer=3).kept != run.kept
+        if reference.batched:  # the reference's batched path keeps, per prompt, what each alone keeps
+            assert reference.run(model, stack_inputs(samples), pruner).kept == kept
+    assert later_differs
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        fastv_reference(model, stack_inputs(samples[:2]), 4)
+    qwen = build(TINY_GEOMETRIES["qwen2_5_vl"], torch.device("cpu"), torch.float32)
+    assert "runs LLaVA-1.5" in supports(qwen, "fastv") and "no reference-style" in supports(model, "dart")
+    assert supports(model, "fastv") is None
+
+
+def test_side_by_side_writes_every_column_and_flags_noise():
+    from mmprune.bench.side_by_side import side_by_side, side_by_side_markdown, summarize
+
+    geometry = dict(TINY_GEOMETRIES["llava"], vision=dict(TINY_CLIP, num_hidden_layers=4))  # room for FlowCut
+    result = side_by_side(geometry, ["fastervlm", "fastv", "flowcut"], [0.25], batch=2, text=8, reps=2,
+                          device="cpu", progress=False)
+    rows = result["rows"]
+    assert [(r["method"], r["implementation"], r["status"]) for r in rows] == [
+        ("none", "stock", "ok"), ("fastervlm", "mmprune", "ok"), ("fastervlm", "reference-style", "ok"),
+        ("fastv", "mmprune", "ok"), ("fastv", "reference-style", "ok"), ("flowcut", "mmprune", "ok")]
+    assert [r["same_kept"] for r in rows] == [None, None, True, None, True, None]
+    for row in rows:
+        for mode in ("one_by_one", "batch"):
+            if row["method"] == "fastv" and row["implementation"] == "reference-style" and mode == "batch":
+                assert row[mode] is None and mode not in row["times_s"]  # batch 1 only, as its reference
+                continue
+            stats = row[mode]
+            assert len(row["times_s"][mode]["total"]) == 2  # the warm-up round is dropped
+            assert stats["ms_min"] <= stats["ms"] <= stats["ms_max"] and stats["encoder_ms"] > 0
+            assert stats["llm_ms"] == pytest.approx(1000 * statistics.median(
+                [t - e for t, e in zip(row["times_s"][mode]["total"], row["times_s"][mode]["encoder"])]))
+            assert ("speedup" in stats) == (row["implementation"] != "stock")
+            assert ("vs_mmprune" in stats) == (row["implementation"] == "reference-style")
+        assert "noise" in row and "timing_noisy" in row
+        assert (row["batching_gain"] is None) == (row["method"] == "fastv" and row["implementation"] ==
+                                                  "reference-style")
+    by = {(r["method"], r["implementation"]): r for r in rows}
+    # FlowCut also shortens the encoder: the FLOPs the encoder keeps fall, and its speedup bound rises
+    assert by[("flowcut", "mmprune")]["flops_speedup"] > by[("fastervlm", "mmprune")]["flops_speedup"] > 1
+    assert by[("fastervlm", "reference-style")]["flops_speedup"] == by[("fastervlm", "mmprune")]["flops_speedup"]
+    machine = result["machine"]
+    for key in ("cpu", "cpu_count", "torch_threads", "torch", "transformers", "device_name", "dtype",
+                "attn_implementation"):
+        assert machine[key] not in (None, ""), key
+    assert 0 < result["flops"]["encoder_share"] < 1
+    text = side_by_side_markdown(result)
+    assert "| fastv | reference-style | 0.25 | 10 | one batch of B | batch 1 only" in text
+    assert f"{machine['torch_threads']} torch threads" in text and "B one by one" in text
+
+    # paired, steady timings: no flag; an injected implausible timing and a spread wider than the effect: flagged
+    fastervlm = by[("fastervlm", "mmprune")]
+    for row in rows:
+        for mode, seconds in row["times_s"].items():
+            seconds["total"], seconds["encoder"] = [1.0, 1.0], [0.1, 0.1]
+    for mode in ("one_by_one", "batch"):
+        fastervlm["times_s"][mode]["total"] = [0.9, 0.9]
+    fastervlm["times_s"]["batch"]["total"] = [0.45, 0.45]
+    by[("none", "stock")]["times_s"]["batch"]["total"] = [0.5, 0.5]
+    summarize(rows)
+    assert fastervlm["timing_noisy"] is None
+    assert fastervlm["batch"]["speedup"]["median"] == pytest.approx(0.5 / 0.45)
+    assert fastervlm["batching_gain"]["median"] == pytest.approx(2.0)
+    fastervlm["times_s"]["one_by_one"]["total"] = [0.01, 0.01]  # 100x where FLOPs predict ~1.3x
+    fastervlm["times_s"]["batch"]["total"] = [0.45, 0.2]  # speedups 1.11x and 2.5x: spread 1.39 > effect
+    summarize(rows)
+    assert "B one by one prefill 100.0x where FLOPs predict" in fastervlm["noise"]["one_by_one speedup"]
+    assert "spread 1.389 exceeds the effect" in fastervlm["noise"]["batch speedup"]
+    assert "100.00x*" in side_by_side_markdown(result)
+    assert "(noise, not a result)" in side_by_side_markdown(result)
+
+
+def test_side_by_side_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from mmprune.bench import speed
+
+    monkeypatch.setitem(speed.GEOMETRIES, "tiny", TINY_GEOMETRIES["llava"])
+    assert main(["bench", "--speed", "--side-by-side", "--geometry", "tiny", "--methods", "fastv", "--keep",
+                 "0.25", "--batches", "2", "--reps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "side_by_side.json").read_text())
+    assert data["machine"]["torch_threads"] == 1 and data["settings"]["batch"] == 2
+    assert [r["implementation"] for r in data["rows"]] == ["stock", "mmprune", "reference-style"]
+    assert "| fastv | mmprune | 0.25 |" in (tmp_path / "side_by_side.md").read_text()
+    capsys.readouterr()

@@ -13,6 +13,8 @@ FLOPs model predicts.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from tqdm.auto import tqdm
 from transformers import (
@@ -56,6 +58,7 @@ SMALL_MROPE_TEXT = dict(SMALL_TEXT, max_position_embeddings=8192,
 # Qwen2.5-Omni-7B's audio tower (Whisper-style: 128 mel bins, 100-frame windows)
 QWEN_OMNI_7B_AUDIO = {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
                       "d_model": 1280, "n_window": 100, "output_dim": 3584, "max_source_positions": 1500}
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 GEOMETRIES = {
     "llava-1.5-7b": {
         "family": "llava", "vision": CLIP_L,
@@ -99,7 +102,15 @@ GEOMETRIES = {
 }
 
 
-def build(spec: dict, device: torch.device, dtype: torch.dtype):
+def build(spec: dict, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """The random-weight model of a geometry ``spec``, with ``attn_implementation`` (sdpa, eager or
+    flash_attention_2, which needs the flash-attn package and a GPU)."""
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn_implementation!r}: expected one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                         "flash-attn) and a GPU; it is not installed here")
     family = spec["family"]
     common = {"image_token_id": IMAGE_TOKEN}
     if family == "llava":
@@ -132,7 +143,7 @@ def build(spec: dict, device: torch.device, dtype: torch.dtype):
     else:
         raise ValueError(f"unknown family {family!r} in a speed geometry; expected llava, llava_next, qwen2_5_vl, "
                          "qwen2_5_omni")
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     with torch.device(device):
         model = cls(config)
     model.generation_config.pad_token_id = 0
@@ -231,32 +242,45 @@ def inputs_for(spec: dict, model, batch: int, text: int, seed: int = 0) -> tuple
     return inputs, tokens, crop_tokens
 
 
+def flops_counter(spec: dict, model, text_tokens: int, visual: int, crop_tokens: int):
+    """``count(tokens_per_layer, stats_sample=None)``: :func:`prefill_flops` (``vision``, ``llm``, ``total``) of one
+    prompt of the geometry ``spec`` with ``text_tokens`` text and ``visual`` media tokens, the decoder running on
+    ``tokens_per_layer`` media tokens per layer; ``stats_sample`` (``pruner.stats["samples"][i]``) supplies a
+    shortened encoder (FlowCut)."""
+    g = Geometry.from_config(model.config)
+    crops = 1 + (spec["image"] // spec["vision"]["image_size"]) ** 2 if spec["family"] == "llava_next" else 1
+    if "video" in spec:  # the tower attends within each temporal grid
+        crops = spec["video"]["frames"] // spec["vision"]["temporal_patch_size"]
+    audio = (100 * spec["audio"]["seconds"],) if "audio" in spec else ()
+    projected = visual - (audio[0] // 4 if audio else 0)  # the vision merger maps the video tokens only
+
+    def count(per_layer: list[int], sample: dict | None = None) -> dict[str, int]:
+        tower = tower_counts(sample or {})  # FlowCut: the shortened encoder and projector
+        return prefill_flops(g, text_tokens, per_layer, crops, tower.get("projected", projected), crop_tokens,
+                             audio_frames=audio, encoder_tokens=tower.get("encoder_tokens"))
+
+    return count
+
+
 def speed_sweep(geometry: str | dict, methods: list[str], keeps: list, batches=(1, 16), text: int = 64,
                 reps: int = 3, decode_steps: int = 8, device: str | None = None, progress: bool = True,
-                keep_audio: int | float | None = None) -> list[dict]:
+                keep_audio: int | float | None = None, attn_implementation: str = "sdpa") -> list[dict]:
     """Rows of measured and FLOPs-predicted speedups; ``keep_audio`` goes to the methods that prune audio."""
     spec = GEOMETRIES[geometry] if isinstance(geometry, str) else geometry
     name = geometry if isinstance(geometry, str) else "custom"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(spec, device, dtype)
+    model = build(spec, device, dtype, attn_implementation)
     g = Geometry.from_config(model.config)
-    crops = 1 + (spec["image"] // spec["vision"]["image_size"]) ** 2 if spec["family"] == "llava_next" else 1
-    if "video" in spec:  # the tower attends within each temporal grid
-        crops = spec["video"]["frames"] // spec["vision"]["temporal_patch_size"]
     reference = mmprune.get("none")
     rows = []
     bar = tqdm(total=len(batches) * len(methods) * len(keeps), desc="speed", unit="run", disable=not progress)
     for batch in batches:
         inputs, visual, crop_tokens = inputs_for(spec, model, batch, text)
-        text_tokens = inputs["input_ids"].shape[1] - visual
-        audio = (100 * spec["audio"]["seconds"],) if "audio" in spec else ()
-        projected = visual - (audio[0] // 4 if audio else 0)  # the vision merger maps the video tokens only
+        counter = flops_counter(spec, model, inputs["input_ids"].shape[1] - visual, visual, crop_tokens)
 
         def flops(per_layer: list[int], sample: dict | None = None) -> int:
-            tower = tower_counts(sample or {})  # FlowCut: the shortened encoder and projector
-            return prefill_flops(g, text_tokens, per_layer, crops, tower.get("projected", projected), crop_tokens,
-                                 audio_frames=audio, encoder_tokens=tower.get("encoder_tokens"))["total"]
+            return counter(per_layer, sample)["total"]
 
         base = flops([visual] * g.layers)
         for method in methods:
