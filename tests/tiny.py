@@ -17,6 +17,8 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     Qwen2Config,
     Qwen2_5OmniThinkerConfig,
     Qwen2_5OmniThinkerForConditionalGeneration,
@@ -165,6 +167,17 @@ def qwen3_vl(seed: int = 0) -> Qwen3VLForConditionalGeneration:
     return Qwen3VLForConditionalGeneration(cfg).eval()
 
 
+def internvl(seed: int = 0) -> InternVLForConditionalGeneration:
+    """A tiny InternVL3: InternViT (with [CLS]) on 32-px tiles of 8 x 8 patches, pixel-shuffled to 4 x 4 = 16 tokens
+    per tile, and a Qwen2 decoder."""
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[32, 32], patch_size=[4, 4])
+    cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_text()).to_dict(),
+                         image_token_id=IMAGE_TOKEN, image_seq_length=16)
+    return InternVLForConditionalGeneration(cfg).eval()
+
+
 def audio_frames(audio_id: int) -> int:
     """Mel frames of audio ``audio_id``: 2 s (200 frames, 50 tokens) for even ids, 1 s (100, 25) for odd ones."""
     return 200 if audio_id % 2 == 0 else 100
@@ -195,6 +208,8 @@ def image_pixels(family: str, image_id: int) -> dict:
         if image_id % 2 == 0:
             return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
         return {"pixel_values": torch.randn(1, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[32, 64]])}
+    if family == "internvl":  # even ids: one tile; odd ids: two tiles and the thumbnail
+        return {"pixel_values": torch.randn(1 if image_id % 2 == 0 else 3, 3, 32, 32, generator=g)}
     # Qwen: 8x8 patches of 4 px -> 4x4 = 16 merged tokens; alternate a 8x12 image to vary the count
     h, w = (8, 8) if image_id % 2 == 0 else (8, 12)
     return {"pixel_values": torch.randn(h * w, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": torch.tensor([[1, h, w]])}
@@ -229,6 +244,8 @@ def tokens_per_image(family: str, image_id: int) -> int:
         return 88
     if family == "llava_onevision":
         return 36 if image_id % 2 == 0 else 28
+    if family == "internvl":
+        return 16 if image_id % 2 == 0 else 48
     return 16 if image_id % 2 == 0 else 24
 
 
@@ -306,4 +323,5 @@ BUILDERS = {
     "qwen2_5_omni": qwen2_5_omni,
     "qwen3_omni": qwen3_omni,
     "qwen3_vl": qwen3_vl,
+    "internvl": internvl,
 }

@@ -312,6 +312,7 @@ class PruningSession:
             raise ValueError("mmprune needs the 2-D (batch, length) attention mask; got a prepared 4-D/dict mask "
                              "(static or compiled caches are not supported)")
         embeds = kwargs["inputs_embeds"]
+        items = self.adapter.group_items(items, self._input_ids)
         self.adapter.annotate(items, self._arguments)
 
         started = time.perf_counter()

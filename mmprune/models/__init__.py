@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmprune.models.base import ModelAdapter
+from mmprune.models.internvl import InternVLAdapter
 from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import LlavaNextAdapter
 from mmprune.models.llava_next_video import LlavaNextVideoAdapter
@@ -15,7 +16,7 @@ from mmprune.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
                                      Qwen2VLAdapter, Qwen2_5OmniAdapter,
-                                     Qwen3OmniAdapter, Qwen3VLAdapter]
+                                     Qwen3OmniAdapter, Qwen3VLAdapter, InternVLAdapter]
 
 
 def supported_families() -> list[str]:

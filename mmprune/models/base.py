@@ -54,6 +54,10 @@ class ModelAdapter:
     def build_videos(self, output: Any, args: tuple, kwargs: dict) -> list[MediaItem]:  # pragma: no cover
         raise NotImplementedError
 
+    def group_items(self, items: list[MediaItem], input_ids: torch.Tensor) -> list[MediaItem]:
+        """The items as the budget counts them, once ``input_ids`` are known (InternVL joins an image's tiles)."""
+        return items
+
     def annotate(self, items: list[MediaItem], arguments: dict) -> None:
         """Fill what only the multimodal forward's arguments tell (e.g. a video's seconds per grid)."""
 

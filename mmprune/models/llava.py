@@ -48,7 +48,7 @@ class ClipTower:
             )
         self.layers = layers
         self.layer = layers[index]
-        self.attention = self.layer.self_attn  # hooked for its input; its fields are read through upstream
+        self.attention = upstream.vision_attention_module(self.layer)  # hooked for its input (fields: upstream)
 
     def install(self, adapter: ModelAdapter, every_layer: bool = False, last_layer: bool = False) -> list:
         """Hooks on the feature layer; with ``every_layer`` also on every layer's attention input (which keeps
@@ -59,11 +59,11 @@ class ClipTower:
             self.layer.register_forward_hook(capture_output(adapter, "clip_layer_out")),
         ]
         if every_layer:
-            handles += [layer.self_attn.register_forward_pre_hook(capture_input(adapter, f"clip_attn_in_{i}"),
-                                                                  with_kwargs=True)
+            handles += [upstream.vision_attention_module(layer).register_forward_pre_hook(
+                capture_input(adapter, f"clip_attn_in_{i}"), with_kwargs=True)
                         for i, layer in enumerate(self.layers)]
         if last_layer:
-            handles.append(self.layers[-1].self_attn.register_forward_pre_hook(
+            handles.append(upstream.vision_attention_module(self.layers[-1]).register_forward_pre_hook(
                 capture_input(adapter, "clip_last_attn_in"), with_kwargs=True))
         return handles
 
@@ -75,8 +75,8 @@ class ClipTower:
         hidden, _ = store["clip_last_attn_in"]
         attn = upstream.clip_attention(self.layers[-1])
         with torch.no_grad():
-            q = attn.q_proj(hidden[:, :1]).float()
-            k = attn.k_proj(hidden).float()
+            q, k = attn.queries_keys(hidden[:, :1], hidden)
+            q, k = q.float(), k.float()
             probs = ((q @ k.transpose(-1, -2)).squeeze(1) * k.shape[-1] ** -0.5).softmax(dim=-1)
         return probs, k
 
@@ -88,8 +88,9 @@ class ClipTower:
         heads, head_dim = attn.num_heads, attn.head_dim
         crops, length, _ = hidden.shape
         with torch.no_grad():
-            q = attn.q_proj(hidden[:, :1]).view(crops, 1, heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(hidden).view(crops, length, heads, head_dim).transpose(1, 2)
+            q, k = attn.queries_keys(hidden[:, :1], hidden)
+            q = q.view(crops, 1, heads, head_dim).transpose(1, 2)
+            k = k.view(crops, length, heads, head_dim).transpose(1, 2)
             logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale
             probs = logits.softmax(dim=-1)
         return probs, k.float().mean(dim=1)
@@ -105,9 +106,9 @@ class ClipTower:
         crops, length, _ = hidden.shape
         received = torch.zeros(crops, heads, length, dtype=torch.float32, device=hidden.device)
         with torch.no_grad():
-            k = attn.k_proj(hidden).view(crops, length, heads, head_dim).transpose(1, 2).float()
+            k = attn.k_norm(attn.k_proj(hidden)).view(crops, length, heads, head_dim).transpose(1, 2).float()
             for crop in range(crops):  # one crop at a time bounds the (heads, L, L) buffer
-                q = attn.q_proj(hidden[crop]).view(length, heads, head_dim).transpose(0, 1).float()
+                q = attn.q_norm(attn.q_proj(hidden[crop])).view(length, heads, head_dim).transpose(0, 1).float()
                 probs = (q @ k[crop].transpose(-1, -2) * attn.scale).softmax(dim=-1)
                 received[crop] = probs.mean(dim=1)
         return received, k.mean(dim=1)
