@@ -133,7 +133,7 @@ def test_only_the_text_importance_reads_the_prompt():
 
 def test_text_importance_without_a_prompt_is_an_error():
     tokens = item(torch.ones(1, 6), torch.eye(6))
-    with pytest.raises(ValueError, match="importance='text' needs the prompt"):
+    with pytest.raises(RuntimeError, match="idpruner reads the prompt, but this item carries none"):
         mmprune.get("idpruner", keep=2, importance="text").prune_image(tokens)
 
 

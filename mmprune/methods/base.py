@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from mmprune.budget import resolve_keep, validate_keep
-from mmprune.media import Selection, MediaItem
+from mmprune.media import MediaItem, Segment, Selection
 from mmprune.methods.params import Bool, Int, Layers, invalid, param
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,7 +63,8 @@ class Pruner:
     # call its ``encoder_start`` / ``encoder_layer``
     prunes_in_encoder: ClassVar[bool] = False
     # whether the method's selection reads the prompt (a pre-LLM method then finds ``item.prompt``, a
-    # :class:`~mmprune.prompt.PromptText`); such a selection cannot be cached by the image alone
+    # :class:`~mmprune.prompt.PromptText`); such a selection cannot be cached by the image alone. A method whose
+    # options decide it (IDPruner's text importance) sets it on the instance; read it from the instance
     reads_prompt: ClassVar[bool] = False
 
     _stats: dict | None = field(default=None, init=False, repr=False, compare=False)
@@ -155,10 +156,26 @@ class PreLLMPruner(Pruner):
     def select(self, tokens: MediaItem, k: int) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def prompt_of(self, tokens: MediaItem):
+        """The item's :class:`~mmprune.prompt.PromptText` (set by the engine for a method that ``reads_prompt``)."""
+        if tokens.prompt is None:
+            raise RuntimeError(f"{self.name} reads the prompt, but this item carries none (item.prompt is None): "
+                               "the engine sets it for a method whose reads_prompt is true")
+        return tokens.prompt
+
     def pre_llm_budget(self, num_tokens: int, modality: str = "image") -> int:
         """Tokens of an item of ``num_tokens`` that enter the LLM (``keep``, ``keep_audio`` for audio; hybrids derive
         it from their schedule)."""
         return self.budget(num_tokens, modality)
+
+    def output_count(self, num_tokens: int, segments: list[Segment], modality: str = "image") -> int | None:
+        """How many tokens :meth:`prune_image` will return for an item of ``num_tokens`` tokens laid out as
+        ``segments``, known before it runs (a server reserves that many placeholders); ``None`` when the content
+        decides (``variable_counts``: only the upper bound :meth:`pre_llm_budget` is known). The default is the
+        budget; a method that may return fewer for a given layout (``pool``'s lattice) overrides this."""
+        if self.variable_counts:
+            return None
+        return self.pre_llm_budget(num_tokens, modality)
 
 
 @dataclass
@@ -176,6 +193,11 @@ class VideoPruner(PreLLMPruner):
 
     def prune_video(self, tokens: MediaItem) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def output_count(self, num_tokens: int, segments: list[Segment], modality: str = "image") -> int | None:
+        if modality != "video":  # images pass through whole
+            return num_tokens
+        return super().output_count(num_tokens, segments, modality)
 
 
 def check_encoder_layer(method: str, name: str, layer: int | None, depth: int, first: int = 0) -> None:

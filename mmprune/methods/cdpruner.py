@@ -137,8 +137,7 @@ class CDPrunerPruner(PreLLMPruner):
                              "tokenizer) or neither")
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        if tokens.prompt is None:
-            raise RuntimeError(f"{self.name} reads the prompt, but this item carries none (item.prompt is None)")
+        prompt = self.prompt_of(tokens)
         device = tokens.embeds.device
         candidates = patch_indices(tokens)
         if candidates.numel() <= k:  # only newline tokens are left to fill the budget
@@ -146,7 +145,7 @@ class CDPrunerPruner(PreLLMPruner):
             others[candidates] = False
             return Selection.of(torch.cat([candidates, others.nonzero().squeeze(1)[: k - candidates.numel()]]))
         image, text = (self.clip_embeddings(tokens, candidates) if self.text_encoder is not None
-                       else (tokens.embeds[candidates], tokens.prompt.instruction_embeds.to(device)))
+                       else (tokens.embeds[candidates], prompt.instruction_embeds.to(device)))
         relevance = normalised_relevance(image, text, self.negate_relevance, self.theta)
         x = F.normalize(tokens.embeds[candidates].float(), dim=-1)
         kernel = relevance.unsqueeze(1) * (x @ x.T) * relevance.unsqueeze(0)
@@ -155,7 +154,7 @@ class CDPrunerPruner(PreLLMPruner):
     def clip_embeddings(self, tokens: MediaItem, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C, P)`` CLIP image embeddings of the candidate patches and ``(M, P)`` CLIP text embeddings of the
         instruction (the reference's two sides of the relevance)."""
-        text = tokens.prompt.text
+        text = self.prompt_of(tokens).text
         if text is None:
             raise ValueError(f"{self.name}: text_encoder encodes the instruction's text, and this prompt has none: "
                              "pass the model's processor or tokenizer at attach "

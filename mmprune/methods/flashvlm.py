@@ -92,12 +92,11 @@ class FlashVLMPruner(PreLLMPruner):
     reads_prompt: ClassVar[bool] = True
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        if tokens.prompt is None:
-            raise RuntimeError(f"{self.name} reads the prompt, but this item carries none (item.prompt is None)")
+        prompt = self.prompt_of(tokens)
         saliency = token_scores(tokens, reduce="mean")
         patches = torch.isfinite(saliency).nonzero().squeeze(1)  # LLaVA-NeXT's newline tokens have no score
         device = saliency.device
-        text = (tokens.prompt.embeds if self.text == "prompt" else tokens.prompt.instruction_embeds).to(device)
+        text = (prompt.embeds if self.text == "prompt" else prompt.instruction_embeds).to(device)
         gating = tokens.family.startswith("qwen") if self.norm_gating is None else self.norm_gating
         relevance = text_relevance(tokens.embeds[patches].to(device), text, self.text_temperature, self.temperature,
                                    self.gamma, self.top_p, gating)

@@ -85,11 +85,7 @@ class IDPrunerPruner(PreLLMPruner):
         """Raw importance per token (``-inf``: not a candidate)."""
         if self.importance == "attention":
             return token_scores(tokens, reduce="mean")
-        prompt = tokens.prompt
-        if prompt is None:
-            raise ValueError("idpruner: importance='text' needs the prompt (item.prompt), which the engine sets for a "
-                             "method that reads it; none was given")
-        return text_relevance(tokens.embeds, prompt.instruction_embeds)
+        return text_relevance(tokens.embeds, self.prompt_of(tokens).instruction_embeds)
 
 
 def text_relevance(visual: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:

@@ -73,11 +73,10 @@ class MMTokPruner(PreLLMPruner):
     reads_prompt: ClassVar[bool] = True
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        if tokens.prompt is None:
-            raise RuntimeError(f"{self.name} reads the prompt, but this item carries none (item.prompt is None)")
+        prompt = self.prompt_of(tokens)
         patches = patch_indices(tokens)
         features = tokens.get("vision_features") if tokens.has("vision_features") else tokens.embeds
-        text = tokens.prompt.instruction_embeds.to(tokens.embeds.device)
+        text = prompt.instruction_embeds.to(tokens.embeds.device)
         gains = coverage_matrix(text, tokens.embeds[patches], features[patches].to(tokens.embeds.device),
                                 self.temperature_for(tokens.family), self.vision_temperature, self.alpha)
         kept = patches[greedy_coverage(gains, min(k, patches.numel()))]

@@ -133,16 +133,6 @@ class PruMergePruner(PreLLMPruner):
     variable_counts: ClassVar[bool] = True  # an image may keep fewer tokens than keep
     encoder_fields: ClassVar[tuple[str, ...]] = ("last_layer_cls_attention", "last_layer_keys")
 
-    def inputs(self, tokens: MediaItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """(attention (N,), keys (N, d), features (N, D), whether features are pre-projector)."""
-        if tokens.has("last_layer_cls_attention"):
-            attention, keys = tokens.get("last_layer_cls_attention"), tokens.get("last_layer_keys")
-        else:
-            attention, keys = tokens.token_attention.float().mean(dim=0), tokens.get("vision_keys")
-        if tokens.has("vision_features"):
-            return attention, keys, tokens.get("vision_features"), True
-        return attention, keys, tokens.embeds, False
-
     def select(self, tokens: MediaItem, k: int) -> Selection:
         device = tokens.embeds.device
         valid = torch.ones(tokens.num_tokens, dtype=torch.bool, device=device)
@@ -151,7 +141,7 @@ class PruMergePruner(PreLLMPruner):
             if newlines.numel():
                 valid[newlines.to(device)] = False
         index = valid.nonzero().squeeze(1)  # candidate position -> token index
-        attention, keys, features, pre_projector = self.inputs(tokens)
+        attention, keys, features, pre_projector = merge_inputs(tokens)
         a = attention.float().to(device)[index]
         n = index.numel()
 
@@ -230,3 +220,16 @@ class PruMergePlusPruner(PruMergePruner):
             how.append(f"uniform step widened from {first} to {step} to fit keep={self.keep!r}")
         how.append(f"{extra.numel()} uniform samples (step {step})")
         return torch.cat([chosen, extra.to(chosen.device)])
+
+
+def merge_inputs(tokens: MediaItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """What PruMerge's rule reads: (attention (N,), keys (N, d), features (N, D), whether the features are
+    pre-projector): the last layer's single-head [CLS] row and full-width keys where the adapter captures them,
+    else the head-mean [CLS] (or received) attention and head-mean keys of the feature layer."""
+    if tokens.has("last_layer_cls_attention"):
+        attention, keys = tokens.get("last_layer_cls_attention"), tokens.get("last_layer_keys")
+    else:
+        attention, keys = tokens.token_attention.float().mean(dim=0), tokens.get("vision_keys")
+    if tokens.has("vision_features"):
+        return attention, keys, tokens.get("vision_features"), True
+    return attention, keys, tokens.embeds, False

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmprune.media import MediaItem, Selection
 from mmprune.methods.base import PreLLMPruner
 from mmprune.methods.params import Float, Int, param
-from mmprune.methods.prumerge import REFERENCE_NEIGHBOURS, prumerge_tokens
+from mmprune.methods.prumerge import REFERENCE_NEIGHBOURS, merge_inputs, prumerge_tokens
 
 # scikit-learn's LocalOutlierFactor(contamination="auto"): a point is an outlier when its LOF exceeds 1.5
 LOF_THRESHOLD = 1.5
@@ -133,19 +133,8 @@ class RecoverablePruner(PreLLMPruner):
     reads_prompt: ClassVar[bool] = True
     encoder_fields: ClassVar[tuple[str, ...]] = ("last_layer_cls_attention", "last_layer_keys")
 
-    def inputs(self, tokens: MediaItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """(attention (N,), keys (N, d), features (N, D), whether features are pre-projector)."""
-        if tokens.has("last_layer_cls_attention"):
-            attention, keys = tokens.get("last_layer_cls_attention"), tokens.get("last_layer_keys")
-        else:
-            attention, keys = tokens.token_attention.float().mean(dim=0), tokens.get("vision_keys")
-        if tokens.has("vision_features"):
-            return attention, keys, tokens.get("vision_features"), True
-        return attention, keys, tokens.embeds, False
-
     def select(self, tokens: MediaItem, k: int) -> Selection:
-        if tokens.prompt is None:
-            raise RuntimeError(f"{self.name} reads the prompt, but this item carries none (item.prompt is None)")
+        prompt = self.prompt_of(tokens)
         device = tokens.embeds.device
         valid = torch.ones(tokens.num_tokens, dtype=torch.bool, device=device)
         for segment in tokens.segments:  # newline tokens carry no attention: never counted, kept nor merged
@@ -153,9 +142,9 @@ class RecoverablePruner(PreLLMPruner):
             if newlines.numel():
                 valid[newlines.to(device)] = False
         index = valid.nonzero().squeeze(1)  # candidate position -> token index
-        attention, keys, features, pre_projector = self.inputs(tokens)
+        attention, keys, features, pre_projector = merge_inputs(tokens)
         a = attention.float().to(device)[index]
-        t = question_similarity(tokens.embeds[index], tokens.prompt.instruction_embeds.to(device))
+        t = question_similarity(tokens.embeds[index], prompt.instruction_embeds.to(device))
         n = index.numel()
 
         # 1. visual outliers, by descending attention
