@@ -292,6 +292,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {args.out!r} is an existing file: expected a folder (created if missing)")
+    if args.serving:
+        return bench_serving(args, methods, keeps)
     if args.speed:
         return bench_speed(args, [m for m in methods if m != "none"], keeps)
     samples = load_data(args.data, args.seed)
@@ -394,6 +396,38 @@ def bench_side_by_side(args: argparse.Namespace, methods: list[str], keeps: list
     return 0
 
 
+def bench_serving(args: argparse.Namespace, methods: list[str], keeps: list) -> int:
+    """``--serving``: vLLM's OpenAI-compatible server with and without pruning (mmprune/bench/serving.py)."""
+    import json as json_module
+
+    from mmprune.bench.serving import check_vllm, serving_markdown, serving_sweep
+    from mmprune.integrations.vllm import engine_kwargs, servable_methods
+
+    if args.speed:
+        raise CliError("--serving and --speed are separate benchmarks: pass one")
+    if args.methods == "all":
+        raise CliError("--serving starts one vLLM server per method and budget: name the methods (e.g. --methods "
+                       f"fastervlm,visionzip); vLLM serves {', '.join(servable_methods())}")
+    concurrency = [positive(c, "--concurrency") for c in parse_list(args.concurrency, "--concurrency", int)]
+    if args.requests is not None:
+        positive(args.requests, "--requests")
+    try:
+        for method in methods:
+            if method != "none":
+                engine_kwargs(method, keep=keeps[0])
+        check_vllm()
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"--serving: {exc}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = serving_sweep(args.model, methods, keeps, concurrency, requests=args.requests,
+                         max_tokens=args.decode_steps, seed=args.seed, logs=out / "serving_logs")
+    (out / "serving.json").write_text(json_module.dumps(rows, indent=1) + "\n")
+    (out / "serving.md").write_text(serving_markdown(rows) + "\n")
+    print(serving_markdown(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprune", description="Visual token pruning for HF vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -453,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --speed: torch CPU threads (default: torch's; the results record it)")
     bench.add_argument("--keep-audio", default=None,
                        help="with --speed: the audio budget of the methods that prune audio (default: their keep)")
+    bench.add_argument("--serving", action="store_true",
+                       help="requests/s and time to first token of vLLM's OpenAI server with and without pruning "
+                            "(needs vLLM: make vllm, then .venv-vllm/bin/python -m mmprune bench --serving); --model "
+                            "may be geometry:small (random weights); --decode-steps new tokens per request")
+    bench.add_argument("--concurrency", default="1,4,16",
+                       help="with --serving: comma-separated numbers of requests in flight")
+    bench.add_argument("--requests", type=int, default=None,
+                       help="with --serving: requests per concurrency level (default: max(8, 2 x concurrency))")
     bench.set_defaults(func=cmd_bench)
     return parser
 

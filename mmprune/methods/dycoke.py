@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.media import MediaItem, Selection
+from mmprune.media import MediaItem, Segment, Selection
 from mmprune.methods.base import VideoPruner
 
 
@@ -49,14 +49,30 @@ class DyCokePruner(VideoPruner):
     def prune_video(self, tokens: MediaItem) -> Selection:
         grids, others = tokens.frame_indices(), tokens.other_indices()
         frames, per_frame = grids.shape
-        count = self.keep if isinstance(self.keep, int) else int(self.keep * per_frame)
-        if count > per_frame:
-            raise ValueError(f"dycoke: keep={self.keep} asks for more tokens than a frame has ({per_frame}): "
-                             f"expected an int in [0, {per_frame}] or a float in (0, 1]")
+        count = self.frame_count(per_frame)
         if count == per_frame:
             return Selection.identity(tokens.num_tokens, device=tokens.embeds.device)
         flat = grids.reshape(-1)
         return Selection.of(torch.cat([flat[merged_frames(tokens.embeds[flat], frames, count)], others]))
+
+    def frame_count(self, per_frame: int) -> int:
+        """Tokens a pruned frame of ``per_frame`` keeps."""
+        count = self.keep if isinstance(self.keep, int) else int(self.keep * per_frame)
+        if count > per_frame:
+            raise ValueError(f"dycoke: keep={self.keep} asks for more tokens than a frame has ({per_frame}): "
+                             f"expected an int in [0, {per_frame}] or a float in (0, 1]")
+        return count
+
+    def output_count(self, num_tokens: int, segments: list[Segment], modality: str = "image") -> int:
+        """Frames outside DyCoke's schedule stay whole; each scheduled frame keeps :meth:`frame_count`."""
+        if modality != "video":
+            return num_tokens
+        frames = [s for s in segments if s.frame is not None]
+        per_frame = frames[0].rows * frames[0].cols
+        count = self.frame_count(per_frame)
+        if count == per_frame:
+            return num_tokens
+        return num_tokens - len(pruned_frames(len(frames))) * (per_frame - count)
 
 
 def pruned_frames(frames: int) -> dict[int, int]:

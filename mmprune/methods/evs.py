@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmprune.media import MediaItem, Selection
+from mmprune.media import MediaItem, Segment, Selection
 from mmprune.methods.base import VideoPruner
 
 
@@ -48,17 +48,8 @@ class EVSPruner(VideoPruner):
 
     def prune_video(self, tokens: MediaItem) -> Selection:
         grids, others = tokens.frame_indices(), tokens.other_indices()
-        floor = grids.shape[1] + others.numel()  # the first grid, and the tokens outside the grids
         n = tokens.num_tokens
-        count = self.keep if isinstance(self.keep, int) else int(n * self.keep)
-        note = None
-        if count < floor:
-            note = (f"keep={self.keep!r} asks for {count} of {n} tokens, less than one grid ({floor}); EVS keeps "
-                    f"the first grid whole, so {floor} are kept")
-            count = floor
-        if count > n:
-            raise ValueError(f"keep={self.keep} asks for more tokens than the video has ({n}): expected an int in "
-                             f"[1, {n}] or a float in (0, 1]")
+        count, note = self.video_count(n, grids.shape[1], others.numel())
         if count == n:
             return Selection.identity(n, device=tokens.embeds.device)
         flat = grids.reshape(-1)
@@ -66,6 +57,26 @@ class EVSPruner(VideoPruner):
         selection = Selection.of(torch.cat([flat[picked], others]))
         selection.note = note
         return selection
+
+    def video_count(self, n: int, grid: int, others: int) -> tuple[int, str | None]:
+        """Tokens kept of a video of ``n`` tokens (``grid`` per temporal grid, ``others`` outside the grids), and
+        the note saying why when the budget was raised to one grid."""
+        floor = grid + others  # the first grid, and the tokens outside the grids
+        count = self.keep if isinstance(self.keep, int) else int(n * self.keep)
+        if count > n:
+            raise ValueError(f"keep={self.keep} asks for more tokens than the video has ({n}): expected an int in "
+                             f"[1, {n}] or a float in (0, 1]")
+        if count < floor:
+            return floor, (f"keep={self.keep!r} asks for {count} of {n} tokens, less than one grid ({floor}); EVS "
+                           f"keeps the first grid whole, so {floor} are kept")
+        return count, None
+
+    def output_count(self, num_tokens: int, segments: list[Segment], modality: str = "image") -> int:
+        if modality != "video":
+            return num_tokens
+        frames = [s for s in segments if s.frame is not None]
+        grid = frames[0].rows * frames[0].cols
+        return self.video_count(num_tokens, grid, num_tokens - grid * len(frames))[0]
 
 
 def retained(embeds: torch.Tensor, frames: int, count: int) -> torch.Tensor:

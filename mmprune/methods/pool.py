@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmprune.media import Segment, Selection, MediaItem
 from mmprune.methods.base import PreLLMPruner
-from mmprune.methods.grid import lattice_shape, per_segment_budget
+from mmprune.methods.grid import lattice_shape, split_budget
 
 
 @dataclass
@@ -41,21 +41,41 @@ class PoolPruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         slots, embeds = [], []
-        parts = video_groups(tokens, k) if tokens.modality == "video" else [
-            ([segment], share) for segment, share in per_segment_budget(tokens, k)]
-        for group, share in parts:
+        for group, share in pooling_groups(tokens.segments, tokens.modality, k):
             s, e = pool_segment(tokens.embeds, group, share)
             slots.append(s)
             embeds.append(e)
         slots_t = torch.cat(slots).to(tokens.embeds.device)
         return Selection(slots=slots_t, embeds=torch.cat(embeds), merged=int(slots_t.numel()))
 
+    def output_count(self, num_tokens: int, segments: list[Segment], modality: str = "image") -> int:
+        """Each group's lattice (:func:`~mmprune.methods.grid.lattice_shape`) may hold fewer tokens than its share:
+        keep 17 on a 12x12 grid pools to 4x4 = 16."""
+        k = self.pre_llm_budget(num_tokens, modality)
+        if k == num_tokens:
+            return num_tokens
+        return sum(math.prod(lattice_shape(group[0].rows, group[0].cols, share))
+                   for group, share in pooling_groups(segments, modality, k))
+
+
+def pooling_groups(segments: list[Segment], modality: str, k: int) -> list[tuple[list[Segment], int]]:
+    """The grids pooled together and each group's share of ``k``: a video's temporal grids as
+    :func:`video_groups` says; otherwise each grid alone with its proportional share (grids with none left out)."""
+    if modality == "video":
+        return _video_groups([s for s in segments if s.frame is not None], k)
+    return [([segment], share) for segment, share in zip(segments, split_budget(k, [s.rows * s.cols
+                                                                                      for s in segments]))
+            if share > 0]
+
 
 def video_groups(tokens: MediaItem, k: int) -> list[tuple[list[Segment], int]]:
     """A video's temporal grids in groups pooled together, each with its share of ``k``: groups of one grid
     ((1, 2, 2)-style spatial pooling) while ``k`` leaves every grid a token, else ``ceil(T / k)`` consecutive grids
     per group ((2, 2, 2)-style: averaged over time too)."""
-    frames = tokens.frames
+    return _video_groups(tokens.frames, k)
+
+
+def _video_groups(frames: list[Segment], k: int) -> list[tuple[list[Segment], int]]:
     span = max(1, math.ceil(len(frames) / k))
     groups = [frames[i:i + span] for i in range(0, len(frames), span)]
     share = k // len(groups)
