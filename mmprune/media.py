@@ -139,6 +139,13 @@ class MediaItem:
         """``(T, N)`` token indices of a video's temporal grids (frame ``t``'s patches in raster order)."""
         return torch.stack([s.patch_indices().reshape(-1) for s in self.frames]).to(self.embeds.device)
 
+    def patch_indices(self) -> torch.Tensor:
+        """Indices of the item's patch tokens (every token but LLaVA-NeXT / OneVision newline tokens), ascending."""
+        keep = torch.ones(self.num_tokens, dtype=torch.bool, device=self.embeds.device)
+        for segment in self.segments:
+            keep[segment.newline_indices().to(keep.device)] = False
+        return keep.nonzero().squeeze(1)
+
     def other_indices(self) -> torch.Tensor:
         """Indices of the tokens outside every temporal grid (LLaVA-OneVision's trailing newline of a video)."""
         inside = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.embeds.device)

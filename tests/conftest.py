@@ -69,6 +69,20 @@ def adaptive_count(method: str) -> bool:
     return cls.stage == "pre-llm" and cls.variable_counts
 
 
+def duplicate_rounds(rest: list[int], h, diverse: int) -> list[int]:
+    """VisPruner's duplicate removal written with numpy: while more than ``diverse`` candidates are left, split the
+    list into even (A) and odd (B) places, drop the (up to 8) A tokens most similar (``h`` rows, normalised) to a B
+    token, and list the other A tokens by descending similarity, then B."""
+    import numpy as np
+
+    while len(rest) > diverse:
+        even, odd = rest[0::2], rest[1::2]
+        drop = min(8, len(rest) - diverse, len(even))
+        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
+        rest = [even[i] for i in np.argsort(-best, kind="stable")[drop:]] + odd
+    return rest
+
+
 def record_selects(monkeypatch, cls) -> list:
     """``(tokens, k)`` of every ``select`` call of the pre-LLM method class ``cls`` from now on."""
     seen = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import duplicate_rounds
 
 import mmprune
 from mmprune.media import MediaItem, Segment
@@ -73,11 +74,7 @@ def rule(attention, embeds, text, features, k, important_ratio=0.5, eta=0.5, tem
     diverse = k - important_count
     h = normalise(h)
     rest = rest if diverse else []
-    while len(rest) > diverse:
-        even, odd = rest[0::2], rest[1::2]
-        r = min(8, len(rest) - diverse, len(even))
-        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
-        rest = [even[i] for i in np.argsort(-best, kind="stable")[r:]] + odd
+    rest = duplicate_rounds(rest, h, diverse)
     return sorted(important + rest)
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import adaptive_count, keep_for, pruning, tiny_model
+from conftest import adaptive_count, duplicate_rounds, keep_for, pruning, tiny_model
 
 import mmprune
 import tiny
@@ -487,11 +487,7 @@ def rule_flashvlm(model, inputs, k):
     order = [int(i) for i in np.argsort(-score, kind="stable")]
     diverse = k - k // 2
     important, rest = order[: k // 2], order[k // 2:]
-    while len(rest) > diverse:
-        even, odd = rest[0::2], rest[1::2]
-        drop = min(8, len(rest) - diverse, len(even))
-        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
-        rest = [even[i] for i in np.argsort(-best, kind="stable")[drop:]] + odd
+    rest = duplicate_rounds(rest, h, diverse)
     return sorted(important + rest)
 
 
@@ -582,11 +578,7 @@ def rule_vispruner(model, inputs, k):
     order = [int(i) for i in np.argsort(-a, kind="stable")]
     diverse = k - k // 2
     important, rest = order[: k // 2], order[k // 2:]
-    while len(rest) > diverse:
-        even, odd = rest[0::2], rest[1::2]
-        r = min(8, len(rest) - diverse, len(even))
-        best = np.array([max(float(h[i] @ h[j]) for j in odd) for i in even])
-        rest = [even[i] for i in np.argsort(-best, kind="stable")[r:]] + odd
+    rest = duplicate_rounds(rest, h, diverse)
     return sorted(important + rest)
 
 

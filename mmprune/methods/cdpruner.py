@@ -139,7 +139,7 @@ class CDPrunerPruner(PreLLMPruner):
     def select(self, tokens: MediaItem, k: int) -> Selection:
         prompt = self.prompt_of(tokens)
         device = tokens.embeds.device
-        candidates = patch_indices(tokens)
+        candidates = tokens.patch_indices()
         if candidates.numel() <= k:  # only newline tokens are left to fill the budget
             others = torch.ones(tokens.num_tokens, dtype=torch.bool, device=device)
             others[candidates] = False
@@ -194,14 +194,6 @@ class CDPrunerPruner(PreLLMPruner):
             embeds = clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
         self._text_cache = (key, embeds)
         return embeds
-
-
-def patch_indices(tokens: MediaItem) -> torch.Tensor:
-    """Indices of the item's tokens other than LLaVA-NeXT's newline tokens, ascending."""
-    keep = torch.ones(tokens.num_tokens, dtype=torch.bool, device=tokens.embeds.device)
-    for segment in tokens.segments:
-        keep[segment.newline_indices().to(keep.device)] = False
-    return keep.nonzero().squeeze(1)
 
 
 def normalised_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True,

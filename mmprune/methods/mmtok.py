@@ -74,7 +74,7 @@ class MMTokPruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         prompt = self.prompt_of(tokens)
-        patches = patch_indices(tokens)
+        patches = tokens.patch_indices()
         features = tokens.get("vision_features") if tokens.has("vision_features") else tokens.embeds
         text = prompt.instruction_embeds.to(tokens.embeds.device)
         gains = coverage_matrix(text, tokens.embeds[patches], features[patches].to(tokens.embeds.device),
@@ -91,14 +91,6 @@ class MMTokPruner(PreLLMPruner):
         if self.text_temperature is not None:
             return self.text_temperature
         return TEXT_TEMPERATURE["qwen" if family.startswith("qwen") else "llava"]
-
-
-def patch_indices(tokens: MediaItem) -> torch.Tensor:
-    """Indices of the item's tokens other than LLaVA-NeXT's newline tokens, ascending."""
-    keep = torch.ones(tokens.num_tokens, dtype=torch.bool, device=tokens.embeds.device)
-    for segment in tokens.segments:
-        keep[segment.newline_indices().to(keep.device)] = False
-    return keep.nonzero().squeeze(1)
 
 
 def coverage_matrix(text: torch.Tensor, vision: torch.Tensor, features: torch.Tensor, text_temperature: float,

@@ -135,12 +135,8 @@ class PruMergePruner(PreLLMPruner):
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         device = tokens.embeds.device
-        valid = torch.ones(tokens.num_tokens, dtype=torch.bool, device=device)
-        for segment in tokens.segments:  # newline tokens carry no attention: never counted, kept nor merged
-            newlines = segment.newline_indices()
-            if newlines.numel():
-                valid[newlines.to(device)] = False
-        index = valid.nonzero().squeeze(1)  # candidate position -> token index
+        # newline tokens carry no attention: never counted, kept nor merged
+        index = tokens.patch_indices()  # candidate position -> token index
         attention, keys, features, pre_projector = merge_inputs(tokens)
         a = attention.float().to(device)[index]
         n = index.numel()
