@@ -3,17 +3,11 @@ transformers in the same process. Runs in .venv-vllm (`make test-vllm`, CPU buil
 
 from __future__ import annotations
 
-import base64
 import gc
 import importlib.util
-import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -33,6 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import mmprune  # noqa: E402
 from mmprune.bench.accuracy import prompts as chat_prompts  # noqa: E402
+from mmprune.bench import serving  # noqa: E402
 from mmprune.data import synthetic  # noqa: E402
 from mmprune.integrations import vllm as plugin  # noqa: E402
 from mmprune.integrations.vllm.llava import image_segments  # noqa: E402
@@ -200,12 +195,6 @@ def test_the_tested_version_is_installed_and_registered():
     assert plugin.ARCH in ModelRegistry.get_supported_archs()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -218,43 +207,20 @@ def test_openai_server_answers_as_offline(shipped, questions, prompts, tmp_path)
     the metadata of a package named vllm; the module entry point is the same server.)"""
     _, processor = shipped
     reference = transformers_run(shipped, questions[:1], prompts[:1], "fastervlm", keep=16)
-    port = free_port()
+    port = serving.free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(SHIPPED_MODEL),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
                "--enforce-eager", "--block-size", "32", "--limit-mm-per-prompt", json.dumps({"image": 1}),
                *plugin.server_args("fastervlm", keep=16)]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")  # the server runs its engine in its own process
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy in 240 s"
-            time.sleep(1)
-        png = io.BytesIO()
-        questions[0].image.save(png, format="PNG")
-        image_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        reply = post(f"{base}/v1/chat/completions", {
+    # the server runs its engine in its own process; stopped by its process id (SIGTERM, then SIGKILL to its group)
+    with serving.running_server(command, tmp_path / "server.log", port, startup_s=240,
+                                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}):
+        reply = post(f"http://127.0.0.1:{port}/v1/chat/completions", {
             "model": str(SHIPPED_MODEL), "max_tokens": MAX_TOKENS, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                       {"type": "text", "text": questions[0].question}]}]},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": serving.image_url(questions[0].image)}},
+                {"type": "text", "text": questions[0].question}]}]},
             timeout=120)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)  # the group this test started (the server and its engine)
-            server.wait()
-        log.close()
     expected = processor.tokenizer.decode(reference["tokens"][0], skip_special_tokens=True)
     assert reply["usage"]["prompt_tokens"] == reference["text_tokens"][0] + 16
     assert reply["choices"][0]["message"]["content"].strip() == expected.strip()

@@ -116,14 +116,16 @@ def server_command(folder: Path, port: int, overrides: list[str], max_model_len:
 
 
 @contextmanager
-def running_server(command: list[str], log_path: Path, port: int):
-    """The server, healthy; stopped (SIGTERM, then SIGKILL to the process group it leads) on exit."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def running_server(command: list[str], log_path: Path, port: int, startup_s: float = STARTUP_S,
+                   env: dict | None = None):
+    """The server, healthy within ``startup_s``; stopped (SIGTERM, then SIGKILL to the process group it leads) on
+    exit. ``env``: environment variables set for it on top of this process's."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + STARTUP_S
+            deadline = time.monotonic() + startup_s
             while True:
                 if server.poll() is not None:
                     raise RuntimeError(f"the vLLM server exited ({server.returncode}); its log: {log_path}")
@@ -134,7 +136,7 @@ def running_server(command: list[str], log_path: Path, port: int):
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the vLLM server was not healthy after {STARTUP_S} s; its log: {log_path}")
+                    raise RuntimeError(f"the vLLM server was not healthy after {startup_s} s; its log: {log_path}")
                 time.sleep(1)
             yield server
         finally:
