@@ -182,19 +182,31 @@ def cache_length(cache: Any, layer: int = 0) -> int:
 
 
 def cache_layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of each layer of a dynamic cache."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """(keys, values) of each attention layer of a dynamic cache (a linear-attention layer, Qwen3.5's, holds a
+    fixed-size state and no keys: it is left out)."""
+    return [(layer.keys, layer.values) for layer in cache.layers if hasattr(layer, "keys")]
 
 
 def gather_cache_layer(cache: Any, layer: int, index: torch.Tensor) -> None:
-    """Keep, in decoder ``layer``'s cache, the tokens at ``index`` ``(B, L')`` of its sequence axis, per row."""
+    """Keep, in decoder ``layer``'s cache, the tokens at ``index`` ``(B, L')`` of its sequence axis, per row. A
+    sliding-window layer's cache must still hold its whole sequence (it forgets tokens beyond the window); a
+    linear-attention layer's recurrent state cannot give tokens back: both refuse."""
     entry = cache.layers[layer]
+    if not hasattr(entry, "keys"):
+        raise ValueError(f"decoder layer {layer} is linear attention: its recurrent state has absorbed every token "
+                         "that entered it and cannot drop some")
     if entry.keys is None or entry.keys.numel() == 0:
         return
+    seen = getattr(entry, "cumulative_length", None)
+    if seen is not None and int(seen) != entry.keys.shape[-2]:
+        raise ValueError(f"decoder layer {layer} is a sliding-window layer whose cache kept only the last "
+                         f"{entry.keys.shape[-2]} of {int(seen)} tokens; the ones it dropped cannot be selected")
     for name in ("keys", "values"):
         tensor = getattr(entry, name)
         picked = index.to(tensor.device)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
         setattr(entry, name, tensor.gather(2, picked))
+    if seen is not None:
+        entry.cumulative_length = int(index.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -212,13 +224,79 @@ def _mask_function() -> tuple[Callable, str]:
                    f"its parameters are {', '.join(params)}")
 
 
-def causal_mask(config: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
-                layer_idx: int) -> Any:
-    """transformers' own mask for decoder layer ``layer_idx`` (whose cache may be shorter than the others'), in the
-    format of the model's attention implementation."""
-    function, cache_name = _mask_function()
-    return function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    position_ids=None, layer_idx=layer_idx, **{cache_name: cache})
+# Decoder layer kinds the engine follows (``config.layer_types``): attention over every earlier token, attention within
+# a sliding window (Gemma 3's local layers), and linear attention (Qwen3.5's Gated DeltaNet: a recurrent state, no
+# KV cache, so no attention weights to score with).
+LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def layer_kinds(language_model: nn.Module) -> list[str]:
+    """Each decoder layer's kind: ``config.layer_types`` where the model has one, else every layer is full
+    attention."""
+    count = len(decoder_layers(language_model))
+    kinds = getattr(language_model.config, "layer_types", None)
+    return list(kinds[:count]) if kinds else ["full_attention"] * count
+
+
+def layer_mask(language_model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+               cache: Any, layer_idx: int, blocks: torch.Tensor | None = None) -> Any:
+    """transformers' own mask for decoder layer ``layer_idx`` (whose cache may be shorter than the others'), from the
+    2-D mask of the sequence the layer attends over, in the format of the model's attention implementation and of
+    the layer's kind (``masking_utils.LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING``: the causal mask, the sliding-window
+    one, or the 2-D padding mask of linear-attention layers). ``blocks`` ``(B, L)``: Gemma 3's bidirectional media
+    blocks at prefill (block id per token, -1 outside), composed as its ``create_masks_for_vision_model`` does:
+    OR(causal, block) on full layers, AND(window, OR(causal, block)) on sliding ones."""
+    from transformers import masking_utils
+
+    config = language_model.config
+    kind = layer_kinds(language_model)[layer_idx]
+    function = masking_utils.LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(kind)
+    if kind not in LAYER_KINDS or function is None:
+        raise mismatch(f"decoder layers are one of {', '.join(LAYER_KINDS)} with a mask function in "
+                       "masking_utils.LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING", f"layer {layer_idx} is {kind!r}")
+    _, cache_name = _mask_function()
+    arguments = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                     **{cache_name: cache})
+    if kind == "linear_attention":
+        return function(**arguments)
+    arguments.update(position_ids=None, layer_idx=layer_idx)
+    if blocks is None:
+        return function(**arguments)
+    if kind == "full_attention":
+        return masking_utils.create_causal_mask(**arguments, block_sequence_ids=blocks)
+    early_exit, *_, kv_length, _, kv_offset = masking_utils._preprocess_mask_arguments(
+        config, inputs_embeds, attention_mask, cache, None, layer_idx)
+    if not early_exit:  # the overlay reads block ids by key index: padded to the key length, as Gemma 3 does
+        blocks = masking_utils.maybe_pad_block_sequence_ids(blocks, attention_mask, kv_length, kv_offset)
+    return masking_utils.create_causal_mask(
+        **arguments, or_mask_function=masking_utils.blockwise_overlay(blocks),
+        and_mask_function=masking_utils.sliding_window_overlay(config.sliding_window))
+
+
+def mask_mapping(language_model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                 cache: Any, blocks: torch.Tensor | None = None) -> dict:
+    """The per-kind masks a language model that takes a prepared mapping reads (``{layer_type: mask}``, indexed by
+    ``config.layer_types``, as Gemma 3's multimodal forward prepares it), each built against the first layer of its
+    kind."""
+    first: dict[str, int] = {}
+    for index, kind in enumerate(layer_kinds(language_model)):
+        first.setdefault(kind, index)
+    return {kind: layer_mask(language_model, inputs_embeds, attention_mask, cache, index, blocks)
+            for kind, index in first.items()}
+
+
+def length_layer(language_model: nn.Module) -> int:
+    """The first decoder layer whose cache counts the tokens it has seen (an attention layer: linear-attention
+    layers keep a state, not a sequence)."""
+    return next(i for i, kind in enumerate(layer_kinds(language_model)) if kind in ATTENTION_KINDS)
+
+
+def sliding_window(language_model: nn.Module, layer_idx: int) -> int | None:
+    """The window of a sliding-attention layer (a query sees keys less than this many positions back), else None."""
+    if layer_kinds(language_model)[layer_idx] != "sliding_attention":
+        return None
+    return int(language_model.config.sliding_window)
 
 
 # ---------------------------------------------------------------------------------------------- model inputs
@@ -276,6 +354,13 @@ class AttentionParts:
     scaling: float
     q_norm: nn.Module  # per-head RMSNorm of queries and keys before RoPE (Qwen3); identity where absent
     k_norm: nn.Module
+    gated_query: bool = False  # q_proj's output is [query | gate] per head (Qwen3.5); the query is the first half
+
+    def queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, q, H, head_dim)`` per-head queries of ``hidden`` ``(B, q, D)`` before norm and RoPE."""
+        projected = self.q_proj(hidden)
+        width = 2 * self.head_dim if self.gated_query else self.head_dim
+        return projected.view(*hidden.shape[:2], -1, width)[..., :self.head_dim]
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
@@ -284,22 +369,26 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
 
 def attention_parts(layer: nn.Module) -> AttentionParts:
     attn = layer.self_attn
+    head_dim = int(attn.head_dim)
+    heads = int(getattr(attn.config, "num_attention_heads", 0)) if hasattr(attn, "config") else 0
+    # Qwen3.5's gated attention: q_proj gives, per head, the query then an output gate of the same width
+    gated = bool(heads) and attn.q_proj.out_features == 2 * heads * head_dim
     return AttentionParts(norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj,
-                          head_dim=int(attn.head_dim), scaling=float(attn.scaling),
+                          head_dim=head_dim, scaling=float(attn.scaling),
                           q_norm=getattr(attn, "q_norm", None) or nn.Identity(),
-                          k_norm=getattr(attn, "k_norm", None) or nn.Identity())
-
-
-def layer_attention_type(layer: nn.Module) -> str:
-    return getattr(layer, "attention_type", "full_attention")
+                          k_norm=getattr(attn, "k_norm", None) or nn.Identity(), gated_query=gated)
 
 
 def final_norm(language_model: nn.Module) -> nn.Module:
     return language_model.norm
 
 
-def rotary_embedding(language_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
-    """(cos, sin) the language model's rotary embedding gives ``position_ids``."""
+def rotary_embedding(language_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                     kind: str = "full_attention"):
+    """(cos, sin) the language model's rotary embedding gives ``position_ids`` for layers of ``kind`` (Gemma 3's
+    rotary embedding takes the layer type: local and global layers use different bases)."""
+    if accepts(language_model.rotary_emb.forward, "layer_type"):
+        return language_model.rotary_emb(hidden, position_ids, kind)
     return language_model.rotary_emb(hidden, position_ids)
 
 
@@ -336,8 +425,8 @@ LAYER_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
 # called with output_attentions=True under eager attention returns one such tensor per layer in `.attentions`.
 LAST_LOGITS_ARGUMENT = "logits_to_keep"
 # the encoder modules of a multimodal model (its .model): CLIP/SigLIP tower and projector (LLaVA family), the Qwen
-# vision tower with its merger, the Omni audio tower
-ENCODER_MODULES = ("vision_tower", "multi_modal_projector", "visual", "audio_tower")
+# vision tower with its merger, the Omni audio tower, the SigLIP tower and connector of Idefics3 / SmolVLM
+ENCODER_MODULES = ("vision_tower", "multi_modal_projector", "visual", "audio_tower", "vision_model", "connector")
 
 
 def last_logits_only(model: nn.Module) -> dict:
@@ -432,6 +521,40 @@ def vision_attention_module(layer: nn.Module) -> nn.Module:
 def internvl_pixel_shuffle(inner: nn.Module, grid: torch.Tensor, ratio: float) -> torch.Tensor:
     """InternVL's pixel shuffle, ``(B, s, s, C)`` -> ``(B, s r, s r, C / r^2)`` (the model's own method)."""
     return inner.pixel_shuffle(grid, scale_factor=ratio)
+
+
+def gemma3_pool(inner: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's projector pooling, ``(B, P*P, C)`` patch rows -> ``(B, T*T, C)`` token rows: the patch grid laid out
+    as its projector does and averaged by the projector's own ``avg_pool``."""
+    projector = inner.multi_modal_projector
+    side = int(projector.patches_per_image)
+    grid = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], side, side)
+    return projector.avg_pool(grid).flatten(2).transpose(1, 2)
+
+
+def gemma3_project(inner: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's projector after the pooling (RMSNorm, then the input projection matrix): pooled SigLIP vectors ->
+    LLM embeddings."""
+    projector = inner.multi_modal_projector
+    return torch.matmul(projector.mm_soft_emb_norm(pooled), projector.mm_input_projection_weight).type_as(pooled)
+
+
+def gemma3_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's bidirectional blocks (block id per token, -1 outside) from ``token_type_ids`` (1 at image tokens),
+    by the model's own rule."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    return get_block_sequence_ids_for_mask(token_type_ids, device=token_type_ids.device)
+
+
+def vision_last_hidden_state(output: Any) -> torch.Tensor:
+    """The vision tower's last hidden states that ``get_image_features`` returned beside the projected features
+    (Gemma 3: SigLIP's output after its post-layernorm, ``(images, patches, C)``)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        raise mismatch("get_image_features returns the tower's last_hidden_state beside pooler_output",
+                       f"it returned {type(output).__name__} without it")
+    return hidden
 
 
 def clip_attention(layer: nn.Module) -> ClipAttentionParts:
@@ -679,7 +802,9 @@ def _check_language_model(adapter: Any) -> None:
         _require(hasattr(lm, attribute), "the language model has .layers, .norm and .rotary_emb",
                  f"{type(lm).__name__} has no .{attribute}")
     try:
-        attention_parts(decoder_layers(lm)[0])
+        for layer, kind in zip(decoder_layers(lm), layer_kinds(lm)):
+            if kind in ATTENTION_KINDS:  # linear-attention layers (Qwen3.5's Gated DeltaNet) have no self_attn
+                attention_parts(layer)
     except AttributeError as exc:
         raise mismatch("decoder layers have input_layernorm and self_attn.q_proj/k_proj/head_dim/scaling",
                        str(exc)) from None
@@ -697,8 +822,7 @@ def _check_image_features(adapter: Any) -> None:
     for name in ("input_ids", "pixel_values", "attention_mask", "position_ids"):
         _require(name in params, "the multimodal forward takes input_ids, pixel_values, attention_mask, "
                  "position_ids", f"{type(adapter.inner).__name__}.forward lacks {name}")
-    _require(hasattr(adapter.inner, "language_model"), "the multimodal model holds its decoder as .language_model",
-             f"{type(adapter.inner).__name__} has no .language_model")
+    multimodal_decoder(adapter.inner)  # .language_model (.text_model on Idefics3 / SmolVLM)
 
 
 def _check_dynamic_cache(adapter: Any) -> None:
@@ -834,7 +958,7 @@ ASSUMPTIONS: list[Assumption] = [
     Assumption("decoder layers take attention_mask, position_ids, position_embeddings", _check_layer_arguments),
     Assumption("language model exposes layers, norm, rotary_emb and attention projections", _check_language_model),
     Assumption("create_causal_mask takes layer_idx and the cache", _check_mask_function),
-    Assumption("multimodal model: get_image_features, input_ids/pixel_values forward, .language_model",
+    Assumption("multimodal model: get_image_features, input_ids/pixel_values forward, .language_model/.text_model",
                _check_image_features),
     Assumption("DynamicCache(config=...) with per-layer lengths", _check_dynamic_cache),
     Assumption("CLIP/SigLIP attention fields", _check_clip,
@@ -860,3 +984,149 @@ def verify(adapter: Any) -> None:
     for assumption in ASSUMPTIONS:
         if assumption.applies(adapter.family):
             assumption.check(adapter)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen3.5
+# What the Qwen3.5 adapter and its pre-LLM pruning rely on, 5.14 .. 5.24: the vision tower is Qwen3-VL's without
+# DeepStack (the Qwen2-VL vision checks apply; the language model takes no DeepStack arguments, so a compaction has
+# nothing else to carry). The decoder's `config.layer_types` names each layer `linear_attention` (Gated DeltaNet in
+# `.linear_attn`: its cache layer holds a conv state and a recurrent state, `conv_states[0]` / `recurrent_states[0]`,
+# no keys or values) or `full_attention` (`.self_attn`, a KV cache). `DynamicCache(config=...)` builds those cache
+# layers up front, and `get_seq_length(0)` on a linear layer 0 reports the first attention layer's length: the prompt
+# as it entered the decoder, plus the decoded tokens, which is what `cache_length` reads at prefill and decode. The
+# linear layers zero the padded positions of a multi-token input through their 2-D mask (so left padding leaves
+# their states as a sample alone would); a single-token decode step carries no padding.
+def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv state, recurrent state)`` of linear-attention decoder ``layer`` in ``cache``: ``(B, channels,
+    kernel)`` (the last ``kernel`` inputs of its causal convolution) and ``(B, value heads, key dim, value dim)``."""
+    entry = cache.layers[layer]
+    if not hasattr(entry, "recurrent_states"):
+        raise mismatch("linear-attention cache layers hold conv_states and recurrent_states",
+                       f"layer {layer} is a {type(entry).__name__}")
+    return entry.conv_states[0], entry.recurrent_states[0]
+
+
+def _check_hybrid_decoder(adapter: Any) -> None:
+    lm = adapter.language_model
+    kinds = layer_kinds(lm)
+    _require("linear_attention" in kinds and "full_attention" in kinds,
+             "Qwen3.5 configs list linear_attention and full_attention layers in layer_types", f"they list {kinds}")
+    for index, (layer, kind) in enumerate(zip(decoder_layers(lm), kinds)):
+        module = "linear_attn" if kind == "linear_attention" else "self_attn"
+        _require(hasattr(layer, module), f"Qwen3.5 {kind} decoder layers hold .{module}",
+                 f"decoder layer {index} ({type(layer).__name__}) has none")
+    cache = new_cache(lm.config)
+    linear = [index for index, kind in enumerate(kinds) if kind == "linear_attention"]
+    attending = kinds.index("full_attention")
+    _require(len(cache.layers) == len(kinds) and all(hasattr(cache.layers[i], "recurrent_states") for i in linear)
+             and hasattr(cache.layers[attending], "keys"),
+             "DynamicCache(config=...) builds a linear-attention cache layer for each linear_attention layer",
+             f"it built {[type(entry).__name__ for entry in cache.layers]}")
+    probe = torch.zeros(1, 1, 3, 1)
+    cache.layers[attending].update(probe, probe)
+    _require(cache_length(cache) == 3, "get_seq_length(0) of a hybrid cache reports its first attention layer's length",
+             f"it reported {cache_length(cache)} for 3 cached tokens")
+    params = _parameters(lm.forward)
+    present = [name for name in DEEPSTACK_ARGUMENTS if name in params]
+    _require(not present, "Qwen3.5's language model takes no DeepStack arguments",
+             f"it takes {', '.join(present)}")
+
+
+ASSUMPTIONS.append(Assumption("Qwen3.5 vision block (Qwen2-VL's helpers, no windows)", _check_qwen_vision,
+                              families=("qwen3.5",)))
+ASSUMPTIONS.append(Assumption("Qwen3.5 hybrid decoder: layer_types, linear-attention cache layers, no DeepStack",
+                              _check_hybrid_decoder, families=("qwen3.5",)))
+
+
+# ---------------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+# What the Idefics3 adapter (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration) relies on, 5.14 ..
+# 5.24: the multimodal model holds its decoder as .text_model (not .language_model), its SigLIP tower as
+# .vision_model (encoder.layers[i].self_attn with q_proj / k_proj / num_heads / head_dim / scale, no [CLS]) and its
+# connector as .connector. get_image_features drops the all-zero padding tiles of pixel_values (B, tiles, 3, H, W),
+# calls the tower on the real tiles with the keyword patch_attention_mask (real tiles, H / p, W / p) derived from
+# pixel_attention_mask, and hands the tower's last_hidden_state (post-layernorm, (tiles, P, C)) to the connector,
+# whose pixel_shuffle(x, scale_factor) maps it to (tiles, P / s^2, s^2 C) for modality_projection (one linear layer).
+# It returns the real tiles' features in tile order: one (tiles, L, D) tensor in pooler_output before 5.2x, one
+# flattened (tiles of the sample * L, D) tensor per sample since.
+DECODER_ATTRIBUTES = ("language_model", "text_model")
+
+
+def multimodal_decoder(inner: nn.Module) -> nn.Module:
+    """The decoder a multimodal model (``model.model``) runs the prompt through: ``.language_model``, or
+    ``.text_model`` on Idefics3 / SmolVLM."""
+    for name in DECODER_ATTRIBUTES:
+        decoder = getattr(inner, name, None)
+        if isinstance(decoder, nn.Module):
+            return decoder
+    raise mismatch("the multimodal model holds its decoder as .language_model (Idefics3 / SmolVLM: .text_model)",
+                   f"{type(inner).__name__} has neither")
+
+
+def idefics3_tower(inner: nn.Module) -> nn.Module:
+    """Idefics3's / SmolVLM's SigLIP tower (its encoder layers: :func:`clip_encoder_layers`)."""
+    return inner.vision_model
+
+
+def idefics3_connector(inner: nn.Module) -> nn.Module:
+    """The connector, called with the tower's post-layernorm hidden states ``(tiles, P, C)`` (hooked for them)."""
+    return inner.connector
+
+
+def idefics3_pixel_shuffle(inner: nn.Module, hidden: torch.Tensor, scale: int) -> torch.Tensor:
+    """The connector's own pixel shuffle, ``(B, P, C)`` -> ``(B, P / s^2, s^2 C)``."""
+    return inner.connector.pixel_shuffle(hidden, scale)
+
+
+def idefics3_project(inner: nn.Module, shuffled: torch.Tensor) -> torch.Tensor:
+    """The connector after its pixel shuffle: pixel-shuffled tower vectors -> LLM embeddings."""
+    return inner.connector.modality_projection(shuffled)
+
+
+def idefics3_patch_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``(tiles, H / p, W / p)`` patch mask a call of the tower carried (None: every patch is real)."""
+    return kwargs.get("patch_attention_mask", args[1] if len(args) > 1 else None)
+
+
+def idefics3_tile_features(output: Any, tiles: int) -> list[torch.Tensor]:
+    """Per real tile, in the order the model scatters them, its ``(L, D)`` LLM-space features, from what
+    ``get_image_features`` returned for ``tiles`` real tiles (per tile before 5.2x, per sample since)."""
+    features = image_features(output)
+    flat = torch.cat(features) if features else torch.empty(0)
+    if tiles == 0 or flat.shape[0] % tiles:
+        raise mismatch("get_image_features returns the same number of features for every real tile",
+                       f"it returned {flat.shape[0]} features for {tiles} tiles")
+    return list(flat.split(flat.shape[0] // tiles))
+
+
+def _check_idefics3(adapter: Any) -> None:
+    inner = adapter.inner
+    missing = [name for name in ("vision_model", "connector", "text_model") if not hasattr(inner, name)]
+    _require(not missing, "Idefics3 / SmolVLM hold .vision_model, .connector and .text_model",
+             f"{type(inner).__name__} lacks {', '.join(missing)}")
+    connector = inner.connector
+    _require(callable(getattr(connector, "pixel_shuffle", None))
+             and isinstance(getattr(connector, "modality_projection", None), nn.Module),
+             "the Idefics3 connector has pixel_shuffle(x, scale_factor) and modality_projection",
+             f"{type(connector).__name__} lacks one")
+    params = _parameters(inner.get_image_features)
+    _require("pixel_attention_mask" in params, "get_image_features(pixel_values, pixel_attention_mask, ...)",
+             f"its parameters are {', '.join(params)}")
+    params = _parameters(inner.vision_model.forward)
+    _require("patch_attention_mask" in params, "the Idefics3 tower takes patch_attention_mask",
+             f"its parameters are {', '.join(params)}")
+    try:
+        for layer in clip_encoder_layers(inner.vision_model):
+            clip_attention(layer)
+    except AttributeError as exc:
+        raise mismatch("the Idefics3 tower's layers have self_attn with q_proj, k_proj, num_heads, head_dim, scale",
+                       str(exc)) from None
+    scale = int(adapter.config.scale_factor)
+    side = 2 * scale  # a 2s x 2s patch grid: four tokens of s x s patches each
+    probe = idefics3_pixel_shuffle(inner, torch.arange(side * side, dtype=torch.float64).view(1, -1, 1), scale)
+    _require(tuple(probe.shape) == (1, 4, scale * scale),
+             "the Idefics3 pixel shuffle maps (B, P, C) to (B, P / s^2, s^2 C)",
+             f"a (1, {side * side}, 1) grid became {tuple(probe.shape)} with scale_factor={scale}")
+
+
+ASSUMPTIONS.append(Assumption("Idefics3 / SmolVLM tower, patch mask, connector and pixel shuffle", _check_idefics3,
+                              families=("idefics3",)))

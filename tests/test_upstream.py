@@ -7,6 +7,7 @@ fails here with the assumption's name and the installed version, not with a shap
 from __future__ import annotations
 
 import copy
+import types
 import re
 import tomllib
 import warnings
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, decoder, tiny_model
 
 import mmprune
 import tiny
@@ -38,7 +39,7 @@ def test_assumption_holds_on_installed_transformers(assumption, family):
 
 
 def test_cache_argument_is_the_name_the_installed_forward_takes(family):
-    lm = tiny_model(family).model.language_model
+    lm = decoder(tiny_model(family))
     name = upstream.cache_argument(lm.forward)
     seen = []
     handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(sorted(k)), with_kwargs=True)
@@ -62,7 +63,8 @@ def test_causal_mask_for_a_shortened_layer_matches_its_cache():
     hidden = torch.zeros(1, 1, 32)
     config = copy.deepcopy(lm.config)
     config._attn_implementation = "eager"  # SDPA may skip the mask altogether
-    masks = [upstream.causal_mask(config, hidden, torch.ones(1, length + 1, dtype=torch.bool), cache, layer)
+    eager_lm = types.SimpleNamespace(config=config, layers=lm.layers)
+    masks = [upstream.layer_mask(eager_lm, hidden, torch.ones(1, length + 1, dtype=torch.bool), cache, layer)
              for layer, length in ((0, 5), (1, 3))]
     assert [m.shape[-1] for m in masks] == [6, 4]
 

@@ -57,10 +57,11 @@ class Geometry:
     def from_config(cls, config) -> Geometry:
         text = config.text_config
         if getattr(text, "num_experts", None) or hasattr(getattr(config, "audio_config", None),
-                                                          "downsample_hidden_size"):
+                                                          "downsample_hidden_size") \
+                or "linear_attention" in (getattr(text, "layer_types", None) or ()):
             # counting these as dense layers or as Qwen2.5-Omni's audio tower would print wrong numbers
             raise ValueError(f"the FLOPs model does not cover {type(config).__name__} yet (a mixture-of-experts "
-                             "decoder, Qwen3-Omni's audio tower)")
+                             "decoder, Qwen3-Omni's audio tower, Qwen3.5's linear-attention layers)")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         vision = config.vision_config
         common = dict(hidden=text.hidden_size, intermediate=text.intermediate_size,

@@ -4,8 +4,10 @@ One forward pre-hook per decoder layer. During a pruned prefill:
 
 * at a stage layer ``K`` the method chooses, per item (image or video), which of its current tokens go on; the hidden states are
   compacted (each sample re-padded on its original side, as before the first layer) and layers ``K..`` get a
-  matching attention mask (built by transformers' own ``create_causal_mask`` against that layer's cache), position
-  ids and rotary embeddings. Each layer's KV cache therefore holds only the tokens that entered it;
+  matching attention mask (built by transformers' own mask function of the layer's kind -- causal, sliding-window
+  or the linear-attention padding mask -- against that layer's cache, with Gemma 3's bidirectional image blocks at
+  prefill), position ids and rotary embeddings. Each layer's KV cache (or recurrent state) therefore holds only the
+  tokens that entered it;
 * the inputs of the layers a method scores with are recorded, so it can recompute the few attention rows it needs
   (:meth:`StageContext.attention`) while the model keeps SDPA/FlashAttention.
 
@@ -73,6 +75,14 @@ def rope_inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dimensions of each head, the rest passed through (partial rotary:
+    Qwen3.5 turns a quarter of each head)."""
+    turned = cos.shape[-1]
+    rotated = x[..., :turned] * cos + rotate_half(x[..., :turned]) * sin
+    return rotated if turned == x.shape[-1] else torch.cat([rotated, x[..., turned:]], dim=-1)
 
 
 class StageContext:
@@ -160,6 +170,12 @@ class StageContext:
         (``rope=False`` skips it, as FEATHER). ``on``: apply ``layer``'s projections to the input of decoder ``on``
         instead (SEATS scores with the previous layer's projections on the current hidden states)."""
         source = layer if on is None else on
+        kind = self.runner.kinds[layer]
+        if kind not in upstream.ATTENTION_KINDS:
+            scored = [i for i, k in enumerate(self.runner.kinds) if k in upstream.ATTENTION_KINDS]
+            raise ValueError(f"{self.runner.pruner.name} reads the attention of decoder layer {layer}, which is "
+                             f"{kind} (no attention weights); this model's attention layers are {scored}: choose the "
+                             "method's layers so that it reads one of them")
         attn = upstream.attention_parts(upstream.decoder_layers(self.model)[layer])
         hidden = attn.norm(self.layer_input(source))
         batch, length, _ = hidden.shape
@@ -167,7 +183,7 @@ class StageContext:
         if queries is None:
             queries = torch.arange(length, device=hidden.device).expand(batch, -1)
         picked = hidden.gather(1, queries.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        q = attn.q_norm(attn.q_proj(picked).view(batch, queries.shape[1], -1, head_dim)).transpose(1, 2)
+        q = attn.q_norm(attn.queries(picked)).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(hidden).view(batch, length, -1, head_dim)).transpose(1, 2)
         if rope:
             cos, sin = upstream.rope_tables(self.model, *self._rope(source))
@@ -175,8 +191,8 @@ class StageContext:
             cos, sin = cos.to(q.dtype).expand(batch, -1, -1), sin.to(q.dtype).expand(batch, -1, -1)
             cos_q = cos.gather(1, queries.unsqueeze(-1).expand(-1, -1, cos.shape[-1])).unsqueeze(1)
             sin_q = sin.gather(1, queries.unsqueeze(-1).expand(-1, -1, sin.shape[-1])).unsqueeze(1)
-            q = q * cos_q + rotate_half(q) * sin_q
-            k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+            q = rotate(q, cos_q, sin_q)
+            k = rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
         groups = q.shape[1] // k.shape[1]
         if groups > 1 and repeat:
             k = k.repeat_interleave(groups, dim=1)
@@ -201,8 +217,17 @@ class StageContext:
         scaling = self.scaling(layer)
         logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
         length = k.shape[2]
-        keys = torch.arange(length, device=k.device)
-        allowed = self.mask[:, None, None, :] & (keys[None, None, None, :] <= queries[:, None, :, None])
+        keys = torch.arange(length, device=k.device)[None, None, None, :]
+        rows = queries[:, None, :, None]
+        allowed = keys <= rows
+        blocks = self.runner.blocks
+        if blocks is not None:  # Gemma 3: media tokens see their whole block (bidirectional), as the model's mask
+            row_blocks = blocks.gather(1, queries)[:, None, :, None]
+            allowed = allowed | ((row_blocks >= 0) & (row_blocks == blocks[:, None, None, :]))
+        window = upstream.sliding_window(self.model, layer)
+        if window is not None:
+            allowed = allowed & (rows - keys < window)
+        allowed = allowed & self.mask[:, None, None, :]
         return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
@@ -231,13 +256,15 @@ class LayerRunner:
         self.records: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.replacement: dict | None = None
         self.layouts: list[StageLayout] = []
+        self.kinds = upstream.layer_kinds(self.language_model)
+        self.blocks: torch.Tensor | None = None  # (B, L) bidirectional media block per token (Gemma 3), -1 outside
+        self.steps = 0
 
     def install(self) -> list:
-        for index, layer in enumerate(upstream.decoder_layers(self.language_model)):
-            kind = upstream.layer_attention_type(layer)
-            if kind != "full_attention":
-                raise ValueError(f"{self.pruner.name}: decoder layer {index} uses {kind}; in-LLM "
-                                 "pruning supports full-attention layers only")
+        for index, (layer, kind) in enumerate(zip(upstream.decoder_layers(self.language_model), self.kinds)):
+            if kind not in upstream.LAYER_KINDS:
+                raise ValueError(f"{self.pruner.name}: decoder layer {index} uses {kind}; in-LLM pruning supports "
+                                 f"{', '.join(upstream.LAYER_KINDS)} layers")
             self.handles.append(layer.register_forward_pre_hook(self._make_hook(index), with_kwargs=True))
         return self.handles
 
@@ -275,7 +302,10 @@ class LayerRunner:
         return counts
 
     def start_prefill(self, cache: Any, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                      hidden_shape: torch.Size, tracks: list[ItemTrack], counts: list[list[int]]) -> PrefillRecord:
+                      hidden_shape: torch.Size, tracks: list[ItemTrack], counts: list[list[int]],
+                      blocks: torch.Tensor | None = None) -> PrefillRecord:
+        """``blocks``: the family's bidirectional media blocks of the sequence entering the first layer (Gemma 3;
+        see ``ModelAdapter.mask_blocks``), carried through every stage's compaction."""
         batch, length = hidden_shape[0], hidden_shape[1]
         device = tracks[0].positions.device if tracks else None
         self.mode = "prefill"
@@ -290,6 +320,7 @@ class LayerRunner:
         self.records = {}
         self.scratch: dict = {}  # what a method keeps between the stages of one prefill
         self.replacement = None
+        self.blocks = blocks
         self.layouts = []
         self.record = PrefillRecord()
         return self.record
@@ -297,16 +328,31 @@ class LayerRunner:
     def current_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the current sequence: ours after a stage, else what the model gave this layer."""
         if self.replacement is not None:
-            return self.replacement["position_embeddings"]
+            return self._replaced(self._current)["position_embeddings"]
         return self._given_rope
+
+    def _replaced(self, index: int) -> dict:
+        """The mask, rotary embedding and position ids decoder ``index`` gets after a stage: built once per layer
+        kind, against the first layer of that kind after the stage (every later one holds the same cache length)."""
+        kind = self.kinds[index]
+        if kind not in self.replacement:
+            hidden, rotary_ids, layer_ids = self.replacement["inputs"]
+            self.replacement[kind] = {
+                "attention_mask": upstream.layer_mask(self.language_model, hidden, self.mask, self.cache, index,
+                                                      self.blocks),
+                "position_embeddings": upstream.rotary_embedding(self.language_model, hidden, rotary_ids, kind),
+                "position_ids": layer_ids,
+            }
+        return self.replacement[kind]
 
     def _prefill_layer(self, index: int, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs["hidden_states"]
         self._given_rope = kwargs.get("position_embeddings")
+        self._current = index
         if index in self.stage_layers:
             hidden = self._stage(index, hidden)
         if self.replacement is not None:
-            kwargs.update(self.replacement)
+            kwargs.update(self._replaced(index))
         if index in self.watch:
             self.records[index] = (hidden, kwargs.get("position_embeddings"))
         if args:
@@ -351,19 +397,20 @@ class LayerRunner:
             track.original = track.original[sel.slots.to(track.original.device)]
         self.mask = layout.compact_mask
         self.position_ids = new_positions
+        if self.blocks is not None:  # the kept media tokens of a block stay one block
+            self.blocks = self.blocks.gather(1, layout.source).masked_fill(~layout.compact_mask, -1)
         rotary_ids, layer_ids = rope_inputs(as_rows(new_positions, hidden.shape[0]))
-        mask4d = upstream.causal_mask(self.language_model.config, new_hidden, self.mask, self.cache, index)
-        self.replacement = {
-            "attention_mask": mask4d,
-            "position_embeddings": upstream.rotary_embedding(self.language_model, new_hidden, rotary_ids),
-            "position_ids": layer_ids,
-        }
+        self.replacement = {"inputs": (new_hidden, rotary_ids, layer_ids)}
         shrink = getattr(self.pruner, "shrinks_earlier_caches", False) and self.cache is not None
         if shrink:
             # the method's reference also removes the tokens from every earlier layer's cache: all of them held
             # the sequence that entered this stage, and now hold what leaves it, so one layout serves every layer
             for layer in range(index):
-                upstream.gather_cache_layer(self.cache, layer, layout.source)
+                try:
+                    upstream.gather_cache_layer(self.cache, layer, layout.source)
+                except ValueError as error:
+                    raise ValueError(f"{self.pruner.name} removes each stage's tokens from every earlier layer's "
+                                     f"cache too (shrink_earlier_caches=False keeps them), but {error}") from None
             self.layouts = []
         self.layouts.append(StageLayout(layer=0 if shrink else index, compact_mask=layout.compact_mask,
                                         next_positions=layout.next_positions, position_rows=layout.position_rows,
@@ -374,14 +421,17 @@ class LayerRunner:
         self.mode = None
         self.records = {}
         self.replacement = None
+        self.blocks = None
         return self.layouts
 
     # ------------------------------------------------------------------ decode
     def start_decode(self, cache: Any, layouts: list[StageLayout], base_length: int, mask: torch.Tensor | None,
-                     position_ids: torch.Tensor | None) -> None:
+                     position_ids: torch.Tensor | None, steps: int) -> None:
         """``mask``/``position_ids``: the step's inputs as the first layer sees them (prompt of ``base_length``
-        tokens as it entered the LLM, then the decoded tokens)."""
+        tokens as it entered the LLM, then the decoded tokens); ``steps``: tokens decoded since the prefill (every
+        layer's cache holds its prompt layout and these)."""
         self.mode = "decode" if layouts else None
+        self.steps = steps
         self.cache = cache
         self.decode_layouts = layouts
         self.base_length = base_length
@@ -397,17 +447,18 @@ class LayerRunner:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, query = hidden.shape[0], hidden.shape[1]
-        steps = upstream.cache_length(self.cache, index) - layout.length
+        steps = self.steps
         if self.step_mask is not None:
             tail = self.step_mask[:, self.base_length:].bool()
         else:
             tail = torch.ones(batch, steps + query, dtype=torch.bool, device=hidden.device)
         mask = torch.cat([layout.compact_mask, tail], dim=1)
-        kwargs["attention_mask"] = upstream.causal_mask(self.language_model.config, hidden, mask, self.cache, index)
+        kwargs["attention_mask"] = upstream.layer_mask(self.language_model, hidden, mask, self.cache, index)
         if self.policy == "renumber":
             offsets = steps + torch.arange(query, device=hidden.device)
             rows = layout.next_positions.unsqueeze(-1) + offsets
             rotary_ids, layer_ids = rope_inputs(rows)
-            kwargs["position_embeddings"] = upstream.rotary_embedding(self.language_model, hidden, rotary_ids)
+            kwargs["position_embeddings"] = upstream.rotary_embedding(self.language_model, hidden, rotary_ids,
+                                                                      self.kinds[index])
             kwargs["position_ids"] = layer_ids
         return args, kwargs

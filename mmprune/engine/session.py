@@ -307,10 +307,7 @@ class PruningSession:
         if cache is not None and upstream.cache_length(cache) > 0:
             raise ValueError("pruning a prompt that continues a non-empty KV cache is not supported; "
                              "start generation from the full prompt")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            raise ValueError("mmprune needs the 2-D (batch, length) attention mask; got a prepared 4-D/dict mask "
-                             "(static or compiled caches are not supported)")
+        mask, mapped = self._mask_2d(kwargs.get("attention_mask"))
         embeds = kwargs["inputs_embeds"]
         items = self.adapter.group_items(items, self._input_ids)
         self.adapter.annotate(items, self._arguments)
@@ -341,6 +338,9 @@ class PruningSession:
             self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
             self._layouts[id(cache)] = (weakref.ref(cache), layout, [])
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
+        blocks = self.adapter.mask_blocks(self._arguments, layout.source, layout.compact_mask)
+        if mapped:  # the multimodal model prepared the per-kind masks: rebuilt for the compacted prompt
+            kwargs["attention_mask"] = upstream.mask_mapping(module, new_embeds, new_mask, cache, blocks)
         if not layout.identity:
             self.adapter.compact_language_model_kwargs(kwargs, layout.source, layout.compact_mask)
         self._output_index = layout.carries.masked_fill(~layout.compact_mask, -1)
@@ -356,7 +356,8 @@ class PruningSession:
                                 original=span.selection.slots.to(embeds.device), segments=item.segments)
                       for span, item in zip(spans, items)]
             counts = self.runner.plan(tracks)
-            record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts)
+            record = self.runner.start_prefill(cache, new_mask, new_positions, new_embeds.shape, tracks, counts,
+                                               blocks)
             self._pending = (cache, layout, (record, items))
         return kwargs
 
@@ -373,15 +374,34 @@ class PruningSession:
         query = kwargs.get("inputs_embeds")
         if query is None:
             query = kwargs.get("input_ids")
-        length = upstream.cache_length(cache)
-        if stages and stages[-1].every_layer:  # layer 0's cache was shrunk too: count the decoded steps from it
-            length += layout.compact_length - stages[-1].length
-        mask, positions = decode_inputs(layout, length, int(query.shape[1]),
-                                        kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        # the decoded steps, counted on the first layer that counts tokens; a stage at or before it shortened its
+        # prompt (SEATS shrinks every layer's; a hybrid model's first attention layer may come after a stage)
+        reference = upstream.length_layer(self.adapter.language_model)
+        length = upstream.cache_length(cache, reference)
+        covering = [stage for stage in stages if stage.layer <= reference]
+        if covering:
+            length += layout.compact_length - covering[-1].length
+        given, mapped = self._mask_2d(kwargs.get("attention_mask"))
+        mask, positions = decode_inputs(layout, length, int(query.shape[1]), given, kwargs.get("position_ids"))
         kwargs.update(attention_mask=mask, position_ids=positions)
+        if mapped:
+            kwargs["attention_mask"] = upstream.mask_mapping(self.adapter.language_model, kwargs["inputs_embeds"],
+                                                             mask, cache)
         if self.runner is not None:
-            self.runner.start_decode(cache, stages, layout.compact_length, mask, positions)
+            self.runner.start_decode(cache, stages, layout.compact_length, mask, positions,
+                                     length - layout.compact_length)
         return kwargs
+
+    def _mask_2d(self, mask: Any) -> tuple[torch.Tensor | None, bool]:
+        """The 2-D (batch, length) mask of the language model's input, and whether the model passed it prepared as
+        a per-layer-kind mapping (Gemma 3's multimodal forward does: then the 2-D mask is its own argument)."""
+        mapped = isinstance(mask, dict)
+        if mapped:
+            mask = self._arguments.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("mmprune needs the 2-D (batch, length) attention mask; got a prepared 4-D/dict mask "
+                             "(static or compiled caches are not supported)")
+        return mask, mapped
 
     def _locate(self, items: list[MediaItem], input_ids: torch.Tensor) -> list[ItemSpan]:
         """Assign each item its sequence positions: per modality, by its placeholder token, in the row-major order

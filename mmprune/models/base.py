@@ -27,7 +27,7 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.inner: nn.Module = model.model
-        self.language_model: nn.Module = self.inner.language_model
+        self.language_model: nn.Module = upstream.multimodal_decoder(self.inner)
         self.config = model.config
         self.image_token_id: int = int(self.config.image_token_id)
         # What the capture hooks saw during the current forward; cleared at each forward start.
@@ -68,6 +68,13 @@ class ModelAdapter:
     def compact_language_model_kwargs(self, kwargs: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> None:
         """Bring family-specific language-model arguments in line with a pre-LLM compaction (``source``: each
         compacted position's index in the uncompacted sequence)."""
+
+    def mask_blocks(self, arguments: dict, source: torch.Tensor, compact_mask: torch.Tensor) -> torch.Tensor | None:
+        """``(B, Lc)`` bidirectional attention blocks of the compacted prompt (block id per token, -1 outside), for a
+        family whose language model lets media tokens see their whole block at prefill (Gemma 3), read from the
+        multimodal forward's ``arguments``; ``source``: each compacted position's index in the uncompacted
+        sequence. None: the prompt is causal."""
+        return None
 
     def refused_generation(self, setting: Callable[[str], Any]) -> list[str]:
         """Family-specific generate() settings the engine cannot follow (``setting(name)`` reads one); each entry
