@@ -24,6 +24,7 @@ REFUSED = {
     "qwen3-vl": "the tower has no [CLS] token and DeepStack feeds per-layer visual features to the LLM",
     "qwen2.5-omni": "the tower has no [CLS] token and the reference has no Omni variant",
     "qwen3-omni": "the tower has no [CLS] token and the reference has no Omni variant",
+    "qwen3.5": "the tower has no [CLS] token and the reference has no Qwen3.5 variant",
 }
 
 
