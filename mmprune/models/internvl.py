@@ -134,20 +134,25 @@ class InternVLAdapter(LlavaAdapter):
         return images + [item for item in items if item.modality != "image"]  # modality order, as items came
 
     def _join(self, tiles: list[MediaItem]) -> MediaItem:
-        if len(tiles) == 1:
-            tiles[0]._lazy["crop_index"] = lambda: torch.zeros(tiles[0].num_tokens, dtype=torch.long)
-            return tiles[0]
-        per_tile = tiles[0].num_tokens
-        lazy: dict = {}
-        for name in set.intersection(*(set(tile._lazy) for tile in tiles)):
-            if name in TILE_AXES:
-                lazy[name] = (lambda n: lambda: torch.cat([tile.get(n) for tile in tiles], dim=TILE_AXES[n]))(name)
-            elif name in EVERY_LAYER_FIELDS:
-                lazy[name] = (lambda n: lambda: PerLayer(len(tiles[0].get(n)), lambda layer: torch.cat(
-                    [tile.get(n)[layer] for tile in tiles], dim=-1)))(name)
-        # 0: the thumbnail (the whole image, last tile), 1 + j: tile j, as LLaVA-NeXT's base image and sub-images
-        lazy["crop_index"] = lambda: torch.cat([torch.full((per_tile,), 1 + j) for j in range(len(tiles) - 1)]
-                                               + [torch.zeros(per_tile, dtype=torch.long)])
-        segments = [Segment(j * per_tile, self.side, self.side) for j in range(len(tiles))]
-        return MediaItem(torch.cat([tile.embeds for tile in tiles]), segments, family=self.family, lazy=lazy,
-                         project=self.project)
+        return join_tiles(tiles, self.side, self.family, self.project)
+
+
+def join_tiles(tiles: list[MediaItem], side: int, family: str, project: Any) -> MediaItem:
+    """One item of an image's tiles (each a ``side x side`` grid, the whole-image tile last): their tokens tile
+    after tile, one segment per tile, the per-tile lazy fields joined along their token axis, and ``crop_index``."""
+    if len(tiles) == 1:
+        tiles[0]._lazy["crop_index"] = lambda: torch.zeros(tiles[0].num_tokens, dtype=torch.long)
+        return tiles[0]
+    per_tile = tiles[0].num_tokens
+    lazy: dict = {}
+    for name in set.intersection(*(set(tile._lazy) for tile in tiles)):
+        if name in TILE_AXES:
+            lazy[name] = (lambda n: lambda: torch.cat([tile.get(n) for tile in tiles], dim=TILE_AXES[n]))(name)
+        elif name in EVERY_LAYER_FIELDS:
+            lazy[name] = (lambda n: lambda: PerLayer(len(tiles[0].get(n)), lambda layer: torch.cat(
+                [tile.get(n)[layer] for tile in tiles], dim=-1)))(name)
+    # 0: the whole image (last tile), 1 + j: tile j, as LLaVA-NeXT's base image and sub-images
+    lazy["crop_index"] = lambda: torch.cat([torch.full((per_tile,), 1 + j) for j in range(len(tiles) - 1)]
+                                           + [torch.zeros(per_tile, dtype=torch.long)])
+    segments = [Segment(j * per_tile, side, side) for j in range(len(tiles))]
+    return MediaItem(torch.cat([tile.embeds for tile in tiles]), segments, family=family, lazy=lazy, project=project)
