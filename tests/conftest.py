@@ -103,3 +103,16 @@ def _method_families(request):
 
         if adapter_for(tiny_model(family)).family not in families:
             pytest.skip(f"{method} supports {', '.join(families)} only")
+    if family == "qwen3_5" and method in SCORES_AT_LINEAR_LAYERS:
+        pytest.skip(f"{method} reads decoder attention at a linear layer of the 4-layer Qwen3.5 (refused): "
+                    "tests/test_qwen3_5.py checks the refusal and runs it at the attention layers of a deeper one")
+
+
+# In-LLM methods whose default schedule reads the attention (queries, keys) of one of layers 0-2 on a 4-layer model:
+# the tiny Qwen3.5's linear-attention layers (todre reads them only in its adaptive mode; seats with TINY_PARAMS)
+SCORES_AT_LINEAR_LAYERS = ("dart", "fastv", "feather", "pyramiddrop", "seats", "sparsevlm", "visiondrop")
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """A tiny model's decoder: ``model.model.language_model`` (``.text_model`` on Idefics3 / SmolVLM)."""
+    return mmprune.upstream.multimodal_decoder(model.model)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -178,6 +180,126 @@ def internvl(seed: int = 0) -> InternVLForConditionalGeneration:
     return InternVLForConditionalGeneration(cfg).eval()
 
 
+def qwen3_5(seed: int = 0, layers: int = 4):
+    """A tiny Qwen3.5: the vision tower of ``qwen3_vl`` without DeepStack, and a hybrid decoder in the released 3:1
+    pattern: every fourth layer full (gated) attention, with interleaved M-RoPE over the first quarter of its 32-dim
+    heads, the others linear attention (Gated DeltaNet, 2 key and 4 value heads of 8, convolution kernel 4); with the
+    default 4 layers, layers 0-2 are linear and layer 3 full."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    kinds = ["full_attention" if (index + 1) % 4 == 0 else "linear_attention" for index in range(layers)]
+    cfg = Qwen3_5Config(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=64),
+        text_config=_text(layers=layers, head_dim=32, layer_types=kinds,
+                          linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                          linear_num_key_heads=2, linear_num_value_heads=4,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                           "mrope_interleaved": True, "partial_rotary_factor": 0.25}),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END)
+    return Qwen3_5ForConditionalGeneration(cfg).eval()
+
+
+def gemma3(seed: int = 0, sliding_window: int = 64) -> Gemma3ForConditionalGeneration:
+    """A tiny Gemma 3: SigLIP on 16-px images of 8 x 8 patches, average-pooled 2 x 2 to 4 x 4 = 16 tokens per image,
+    and a 4-layer decoder of local (sliding-window) and global layers in Gemma 3's order (local first). The default
+    window is longer than the test prompts; a shorter one tests what the window changes."""
+    torch.manual_seed(seed)
+    text = _text(head_dim=8, sliding_window=sliding_window, query_pre_attn_scalar=8,
+                 layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=2)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE_TOKEN,
+                       boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # the projection matrix starts at zero (every image token alike): give it random weights
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
+    return model
+
+
+# Idefics3 / SmolVLM prompt tokens (text ids of the tiny vocabulary, none of the special ids above): the processor's
+# <fake_token_around_image>, <global-img>, <row_i_col_j> for tiles (1, 1) (1, 2) (2, 1) (2, 2), and "\n"
+IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
+FAKE_AROUND_IMAGE, GLOBAL_IMAGE = 88, 87
+TILE_MARKERS = {(1, 1): 83, (1, 2): 84, (2, 1): 85, (2, 2): 86}
+NEWLINE = 10
+IDEFICS3_TILE_PX = {"idefics3": 32, "smolvlm": 48}
+
+
+def idefics3(seed: int = 0):
+    """A tiny Idefics3: a 2-layer SigLIP on 32-px tiles of 8 x 8 patches of 4 px, pixel-shuffled (scale 2) to
+    4 x 4 = 16 tokens per tile, and a Llama decoder."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=4)
+    cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text()).to_dict(),
+                         image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return _no_markup_generated(Idefics3ForConditionalGeneration(cfg).eval())
+
+
+def smolvlm(seed: int = 0):
+    """A tiny SmolVLM: a 2-layer SigLIP on 48-px tiles of 12 x 12 patches of 4 px, pixel-shuffled (scale 3, 9
+    patches per token) to 4 x 4 = 16 tokens per tile, and a Llama decoder."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
+                  patch_size=4)
+    cfg = SmolVLMConfig(vision_config=vision, text_config=LlamaConfig(**_text()).to_dict(),
+                        image_token_id=IMAGE_TOKEN, scale_factor=3)
+    return _no_markup_generated(SmolVLMForConditionalGeneration(cfg).eval())
+
+
+def _no_markup_generated(model):
+    """The image placeholder and the prompt's image markup ids (83 .. 95) get logit 0, below the best of the other
+    ids: never generated, so a prompt extended with generated tokens (the replay tests) keeps its image layout. EOS
+    likewise, so every generation runs its max_new_tokens (the tests compare fixed-length continuations)."""
+    with torch.no_grad():
+        model.lm_head.weight[min(TILE_MARKERS.values()):] = 0
+        model.lm_head.weight[model.config.text_config.eos_token_id] = 0
+    return model
+
+
+def idefics3_split(image_id: int) -> tuple[int, int]:
+    """(rows, cols) of tiles the processor cuts image ``image_id`` into: even ids fit one tile (0, 0: the global
+    image alone); odd ids are 1 x 2 tiles plus the global image."""
+    return (0, 0) if image_id % 2 == 0 else (1, 2)
+
+
+def idefics3_image_ids(image_id: int) -> list[int]:
+    """Image ``image_id``'s prompt ids as the Idefics3 / SmolVLM processors expand ``<image>``: each tile behind
+    ``<fake_token_around_image><row_i_col_j>``, a newline after each row of tiles, then a newline and the global
+    image behind ``<fake_token_around_image><global-img>``, closed by ``<fake_token_around_image>``."""
+    rows, cols = idefics3_split(image_id)
+    run = [IMAGE_TOKEN] * 16
+    ids: list[int] = []
+    for row in range(rows):
+        for col in range(cols):
+            ids += [FAKE_AROUND_IMAGE, TILE_MARKERS[row + 1, col + 1]] + run
+        ids += [NEWLINE]
+    return ids + ([NEWLINE] if rows else []) + [FAKE_AROUND_IMAGE, GLOBAL_IMAGE] + run + [FAKE_AROUND_IMAGE]
+
+
+def idefics3_pixels(tiles_by_sample: dict[int, list[torch.Tensor]], samples: int) -> dict:
+    """``pixel_values`` ``(B, tiles, 3, H, W)`` and ``pixel_attention_mask`` ``(B, tiles, H, W)`` as the processor
+    pads them: each sample's tiles (its images' tiles in prompt order), then all-zero padding tiles (mask 0) up to the
+    sample with the most; a sample without images is all padding."""
+    per_sample = {sample: torch.cat(tiles, dim=1)[0] for sample, tiles in tiles_by_sample.items()}
+    most = max(tiles.shape[0] for tiles in per_sample.values())
+    shape = next(iter(per_sample.values())).shape[1:]
+    values = torch.zeros(samples, most, *shape)
+    mask = torch.zeros(samples, most, *shape[1:], dtype=torch.long)
+    for sample, tiles in per_sample.items():
+        values[sample, :tiles.shape[0]] = tiles
+        mask[sample, :tiles.shape[0]] = 1
+    return {"pixel_values": values, "pixel_attention_mask": mask}
+
+
 def audio_frames(audio_id: int) -> int:
     """Mel frames of audio ``audio_id``: 2 s (200 frames, 50 tokens) for even ids, 1 s (100, 25) for odd ones."""
     return 200 if audio_id % 2 == 0 else 100
@@ -208,6 +330,12 @@ def image_pixels(family: str, image_id: int) -> dict:
         if image_id % 2 == 0:
             return {"pixel_values": torch.randn(1, 5, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 64]])}
         return {"pixel_values": torch.randn(1, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[32, 64]])}
+    if family == "gemma3":  # one 16-px image (a pan-and-scan crop is another image)
+        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
+    if family in IDEFICS3_FAMILIES:  # (1, tiles, 3, px, px): the split tiles, then the global image
+        rows, cols = idefics3_split(image_id)
+        px = IDEFICS3_TILE_PX[family]
+        return {"pixel_values": torch.randn(1, rows * cols + 1, 3, px, px, generator=g)}
     if family == "internvl":  # even ids: one tile; odd ids: two tiles and the thumbnail
         return {"pixel_values": torch.randn(1 if image_id % 2 == 0 else 3, 3, 32, 32, generator=g)}
     # Qwen: 8x8 patches of 4 px -> 4x4 = 16 merged tokens; alternate a 8x12 image to vary the count
@@ -246,6 +374,11 @@ def tokens_per_image(family: str, image_id: int) -> int:
         return 36 if image_id % 2 == 0 else 28
     if family == "internvl":
         return 16 if image_id % 2 == 0 else 48
+    if family in IDEFICS3_FAMILIES:
+        rows, cols = idefics3_split(image_id)
+        return 16 * (rows * cols + 1)
+    if family == "gemma3":
+        return 16
     return 16 if image_id % 2 == 0 else 24
 
 
@@ -254,6 +387,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
     image ids (``("img", id)``) and, on the Qwen families, video ids (``("vid", id)``)."""
     qwen = family.startswith("qwen")
     rows, pixels, videos, audios = [], [], [], []
+    tiles_by_sample: dict[int, list] = {}  # Idefics3 / SmolVLM: pixels per sample
     for sample in samples:
         ids: list[int] = []
         for part in sample:
@@ -262,7 +396,7 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
                 audios.append(audio_features(part[1]))
             elif isinstance(part, tuple) and part[0] == "txt":  # explicit text token ids
                 ids += list(part[1])
-            elif isinstance(part, tuple) and part[0] == "vid" and family == "qwen3_vl":
+            elif isinstance(part, tuple) and part[0] == "vid" and family in ("qwen3_vl", "qwen3_5"):
                 # Qwen3-VL's layout: each temporal grid after a timestamp (a text token), in its own vision span
                 per_grid = tokens_per_video(family, part[1]) // 2
                 for grid in range(2):
@@ -272,10 +406,13 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
                 run = [VIDEO_TOKEN] * tokens_per_video(family, part[1])
                 ids += [VISION_START] + run + [VISION_END] if qwen else run
                 videos.append(video_pixels(family, part[1]))
+            elif isinstance(part, tuple) and family in IDEFICS3_FAMILIES:
+                ids += idefics3_image_ids(part[1])
+                tiles_by_sample.setdefault(len(rows), []).append(image_pixels(family, part[1])["pixel_values"])
             elif isinstance(part, tuple):
                 image_id = part[1]
                 run = [IMAGE_TOKEN] * tokens_per_image(family, image_id)
-                ids += ([VISION_START] + run + [VISION_END]) if qwen else run
+                ids += ([VISION_START] + run + [VISION_END]) if qwen or family == "gemma3" else run
                 pixels.append(image_pixels(family, image_id))
             else:
                 ids += [3 + (7 * len(ids) + 5 * j) % 80 for j in range(part)]
@@ -291,6 +428,8 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
     for parts in (pixels, videos):
         for key in (parts[0] if parts else ()):
             out[key] = torch.cat(_pad_crops([p[key] for p in parts]))
+    if tiles_by_sample:
+        out.update(idefics3_pixels(tiles_by_sample, len(rows)))
     if audios:  # (clips, mel bins, frames) padded to the longest, as WhisperFeatureExtractor with a mask
         longest = max(a.shape[1] for a in audios)
         out["input_features"] = torch.stack([F.pad(a, (0, longest - a.shape[1])) for a in audios])
@@ -301,6 +440,8 @@ def batch(family: str, samples: list[list], side: str = "left") -> dict:
             out["video_second_per_grid"] = out.pop("second_per_grid_ts")
     elif qwen:
         out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
+    elif family == "gemma3":  # as Gemma3Processor: 1 at image tokens (the model's bidirectional blocks)
+        out["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
     return out
 
 
@@ -324,4 +465,8 @@ BUILDERS = {
     "qwen3_omni": qwen3_omni,
     "qwen3_vl": qwen3_vl,
     "internvl": internvl,
+    "gemma3": gemma3,
+    "qwen3_5": qwen3_5,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
 }

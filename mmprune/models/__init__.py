@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from mmprune.models.base import ModelAdapter
+from mmprune.models.gemma3 import Gemma3Adapter
+from mmprune.models.idefics3 import Idefics3Adapter
 from mmprune.models.internvl import InternVLAdapter
 from mmprune.models.llava import LlavaAdapter
 from mmprune.models.llava_next import LlavaNextAdapter
@@ -13,10 +15,12 @@ from mmprune.models.llava_onevision import LlavaOnevisionAdapter
 from mmprune.models.qwen2_5_omni import Qwen2_5OmniAdapter, Qwen3OmniAdapter
 from mmprune.models.qwen2_vl import Qwen2VLAdapter
 from mmprune.models.qwen3_vl import Qwen3VLAdapter
+from mmprune.models.qwen3_5 import Qwen3_5Adapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter,
                                      Qwen2VLAdapter, Qwen2_5OmniAdapter,
-                                     Qwen3OmniAdapter, Qwen3VLAdapter, InternVLAdapter]
+                                     Qwen3OmniAdapter, Qwen3VLAdapter, InternVLAdapter, Qwen3_5Adapter,
+                                     Gemma3Adapter, Idefics3Adapter]
 
 
 def supported_families() -> list[str]:
