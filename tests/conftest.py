@@ -116,3 +116,28 @@ SCORES_AT_LINEAR_LAYERS = ("dart", "fastv", "feather", "pyramiddrop", "seats", "
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
     """A tiny model's decoder: ``model.model.language_model`` (``.text_model`` on Idefics3 / SmolVLM)."""
     return mmprune.upstream.multimodal_decoder(model.model)
+
+
+def qwen_last_vision_block_attention(model, inputs, eager_attention_forward) -> torch.Tensor:
+    """``(heads, patches, patches)``: the eager attention weights of a Qwen vision tower's last block on the batch's
+    first image, recorded through a registered attention function (the tower keeps its own implementation
+    otherwise). ``eager_attention_forward`` is the family's own, from its modeling module."""
+    from transformers import AttentionInterface
+
+    records = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        records.append(weights)
+        return out, weights
+
+    AttentionInterface.register("mmprune_test_recording", recording)
+    visual = model.model.visual
+    previous = visual.config._attn_implementation
+    visual.config._attn_implementation = "mmprune_test_recording"
+    try:
+        with torch.no_grad():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        visual.config._attn_implementation = previous
+    return records[-1][0]

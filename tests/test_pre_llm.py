@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import adaptive_count, decoder, duplicate_rounds, keep_for, pruning, tiny_model
+from conftest import (adaptive_count, decoder, duplicate_rounds, keep_for, pruning, qwen_last_vision_block_attention,
+                      tiny_model)
 
 import mmprune
 import tiny
@@ -852,33 +853,17 @@ def test_qwen_fastervlm_uses_attention_received_at_the_last_vision_block(family_
     """Without [CLS], the score is the head-mean of the attention each merged token receives (mean over queries,
     mean over its 2x2 patches) at the last vision block. Reference: the block's own eager attention weights,
     recorded through a registered attention function, mapped back from window order as the model's merger does."""
-    from transformers import AttentionInterface
     from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
     from transformers.vision_utils import get_vision_window_index
 
     model = tiny_model(family_name)
     inputs = tiny.batch(family_name, ONE_IMAGE)
-    records = []
-
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        records.append(weights)
-        return out, weights
-
-    AttentionInterface.register("mmprune_test_recording", recording)
-    visual = model.model.visual
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = "mmprune_test_recording"
-    try:
-        with torch.no_grad():
-            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    finally:
-        visual.config._attn_implementation = previous
-    weights = records[-1][0]  # last block, the image's full attention: (heads, 64 patches, 64 patches)
+    weights = qwen_last_vision_block_attention(model, inputs, eager_attention_forward)  # (heads, 64, 64)
     received = weights.mean(1).reshape(weights.shape[0], 16, 4).mean(-1)
     if family_name == "qwen2_5_vl":
         window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+                                                  window_size=model.model.visual.window_size,
+                                                  patch_size=model.model.visual.patch_size)
         received = received[:, torch.argsort(window_index)]
     expected = sorted(received.mean(0).topk(4).indices.tolist())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SCORES_AT_LINEAR_LAYERS, method_for_tiny, tiny_model
+from conftest import SCORES_AT_LINEAR_LAYERS, method_for_tiny, qwen_last_vision_block_attention, tiny_model
 from test_in_llm import final, record, with_tokens
 
 import mmprune
@@ -27,26 +27,9 @@ def vision_attention_received(model, inputs) -> torch.Tensor:
     """``(heads, merged tokens)``: each merged token's mean attention received from every patch of its image at the
     last vision block (mean over its 2x2 patches), from the block's own eager attention weights, recorded through a
     registered attention function."""
-    from transformers import AttentionInterface
     from transformers.models.qwen3_5.modeling_qwen3_5 import eager_attention_forward
 
-    records = []
-
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        records.append(weights)
-        return out, weights
-
-    AttentionInterface.register("mmprune_test_qwen3_5", recording)
-    visual = model.model.visual
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = "mmprune_test_qwen3_5"
-    try:
-        with torch.no_grad():
-            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    finally:
-        visual.config._attn_implementation = previous
-    weights = records[-1][0]  # the last block on the one image: (heads, patches, patches)
+    weights = qwen_last_vision_block_attention(model, inputs, eager_attention_forward)
     return weights.mean(1).reshape(weights.shape[0], -1, 4).mean(-1)
 
 

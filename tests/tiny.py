@@ -234,12 +234,8 @@ def idefics3(seed: int = 0):
     4 x 4 = 16 tokens per tile, and a Llama decoder."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=4)
-    cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text()).to_dict(),
-                         image_token_id=IMAGE_TOKEN, scale_factor=2)
-    return _no_markup_generated(Idefics3ForConditionalGeneration(cfg).eval())
+    return _idefics3_like(Idefics3Config, Idefics3ForConditionalGeneration, seed,
+                          tile_px=IDEFICS3_TILE_PX["idefics3"], scale=2)
 
 
 def smolvlm(seed: int = 0):
@@ -247,12 +243,17 @@ def smolvlm(seed: int = 0):
     patches per token) to 4 x 4 = 16 tokens per tile, and a Llama decoder."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
+    return _idefics3_like(SmolVLMConfig, SmolVLMForConditionalGeneration, seed,
+                          tile_px=IDEFICS3_TILE_PX["smolvlm"], scale=3)
+
+
+def _idefics3_like(config_class, model_class, seed: int, tile_px: int, scale: int):
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=tile_px,
                   patch_size=4)
-    cfg = SmolVLMConfig(vision_config=vision, text_config=LlamaConfig(**_text()).to_dict(),
-                        image_token_id=IMAGE_TOKEN, scale_factor=3)
-    return _no_markup_generated(SmolVLMForConditionalGeneration(cfg).eval())
+    cfg = config_class(vision_config=vision, text_config=LlamaConfig(**_text()).to_dict(),
+                       image_token_id=IMAGE_TOKEN, scale_factor=scale)
+    return _no_markup_generated(model_class(cfg).eval())
 
 
 def _no_markup_generated(model):
