@@ -13,6 +13,7 @@ import tiny  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 FAMILIES = list(tiny.BUILDERS)
+OMNI_FAMILIES = ("qwen2_5_omni", "qwen3_omni")
 _models: dict[str, torch.nn.Module] = {}
 
 
@@ -25,7 +26,7 @@ def omni_supported() -> bool:
 
 
 def tiny_model(family: str) -> torch.nn.Module:
-    if family in ("qwen2_5_omni", "qwen3_omni") and not omni_supported():
+    if family in OMNI_FAMILIES and not omni_supported():
         pytest.skip(f"Qwen2.5-Omni thinkers are supported from transformers {mmprune.upstream.OMNI_FIRST} "
                     "(tests/test_omni.py checks the refusal on older releases)")
     if family not in _models:
@@ -91,21 +92,37 @@ def record_selects(monkeypatch, cls) -> list:
     return seen
 
 
-@pytest.fixture(autouse=True)
-def _method_families(request):
-    """Skip a method x family case outside the method's ``families`` (FlowCut: LLaVA-1.5 only); the refusal itself
-    is tested in the method's own tests."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    method, family = params.get("method"), params.get("family") or params.get("family_name")
-    families = getattr(mmprune.METHODS.get(method), "families", ()) if isinstance(method, str) else ()
-    if families and family in tiny.BUILDERS:
+def not_run_because(method: str, family: str) -> str | None:
+    """Why the tiny ``family`` model does not run ``method`` in the method x family tests (None where it does):
+    a method restricted to other families (FlowCut: LLaVA-1.5 only), or one that reads decoder attention at a
+    linear layer of the 4-layer Qwen3.5. The refusals themselves are tested in the method's and family's tests."""
+    families = getattr(mmprune.METHODS.get(method), "families", ())
+    if families:
         from mmprune.models import adapter_for
 
         if adapter_for(tiny_model(family)).family not in families:
-            pytest.skip(f"{method} supports {', '.join(families)} only")
+            return f"{method} supports {', '.join(families)} only"
     if family == "qwen3_5" and method in SCORES_AT_LINEAR_LAYERS:
-        pytest.skip(f"{method} reads decoder attention at a linear layer of the 4-layer Qwen3.5 (refused): "
-                    "tests/test_qwen3_5.py checks the refusal and runs it at the attention layers of a deeper one")
+        return (f"{method} reads decoder attention at a linear layer of the 4-layer Qwen3.5 (refused): "
+                "tests/test_qwen3_5.py checks the refusal and runs it at the attention layers of a deeper one")
+    return None
+
+
+def families_running(method: str) -> list[str]:
+    """The tiny families this transformers release supports that run ``method`` (see ``not_run_because``)."""
+    return [family for family in FAMILIES if (omni_supported() or family not in OMNI_FAMILIES)
+            and not_run_because(method, family) is None]
+
+
+@pytest.fixture(autouse=True)
+def _method_families(request):
+    """Skip a method x family case the tiny family does not run (``not_run_because``)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    method, family = params.get("method"), params.get("family") or params.get("family_name")
+    if isinstance(method, str) and method in mmprune.METHODS and family in tiny.BUILDERS:
+        reason = not_run_because(method, family)
+        if reason:
+            pytest.skip(reason)
 
 
 # In-LLM methods whose default schedule reads the attention (queries, keys) of one of layers 0-2 on a 4-layer model:

@@ -1,4 +1,5 @@
-"""Property-based tests: random batch compositions and budgets, every method, the tiny model of every family.
+"""Property-based tests: random batch compositions and budgets, every method, on tiny models of families drawn among
+those that run it (the fixed method x family matrix is tests/test_pre_llm.py's).
 
 For 1-4 samples with 0-3 images each, random text lengths and left or right padding, and a random budget in the
 method's range:
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import adaptive_count, averages_over_layers, decoder, pruning, tiny_model
+from conftest import adaptive_count, averages_over_layers, decoder, families_running, pruning, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +32,7 @@ from mmprune.media import Segment
 from mmprune.methods.grid import lattice_shape, per_segment_budget
 
 METHODS = pruning("image")
-EXAMPLES = int(os.environ.get("MMPRUNE_HYPOTHESIS_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("MMPRUNE_HYPOTHESIS_EXAMPLES", "12"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -47,6 +48,14 @@ def compositions(draw, max_images: int = 3) -> list[list]:
             parts += [("img", draw(st.integers(0, 3))), draw(st.integers(1, 5))]
         samples.append(parts)
     return samples
+
+
+def families_for(method: str):
+    """The families that run ``method``, rotated by its place among METHODS: derandomized examples draw the same
+    places of the list for every method, and the rotation spreads those draws over every family."""
+    families = families_running(method)
+    start = METHODS.index(method) % len(families)
+    return st.sampled_from(families[start:] + families[:start])
 
 
 def budgets(method: str):
@@ -123,7 +132,8 @@ def check_budget_rule(pruner, stats: dict) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 @PROPERTY
-def test_random_batches_follow_the_contract(family, method, data):
+def test_random_batches_follow_the_contract(method, data):
+    family = data.draw(families_for(method), label="family")
     model = tiny_model(family)
     samples = data.draw(compositions(), label="samples")
     side = data.draw(st.sampled_from(["left", "right"]), label="padding")
@@ -164,7 +174,8 @@ def test_random_batches_follow_the_contract(family, method, data):
 @pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 @PROPERTY
-def test_keep_all_reproduces_the_unpruned_model_on_random_batches(family, method, data):
+def test_keep_all_reproduces_the_unpruned_model_on_random_batches(method, data):
+    family = data.draw(families_for(method), label="family")
     model = tiny_model(family)
     samples = data.draw(compositions(max_images=2), label="samples")
     side = data.draw(st.sampled_from(["left", "right"]), label="padding")
