@@ -154,14 +154,14 @@ def qwen3_omni(seed: int = 0, deepstack: tuple[int, ...] = (0,)) -> Qwen3OmniMoe
     return model
 
 
-def qwen3_vl(seed: int = 0) -> Qwen3VLForConditionalGeneration:
-    """A tiny Qwen3-VL: the vision tower of ``qwen3_omni`` (DeepStack after decoder layer 0), a dense decoder with
-    per-head q/k norms and interleaved M-RoPE."""
+def qwen3_vl(seed: int = 0, deepstack: tuple[int, ...] = (0,)) -> Qwen3VLForConditionalGeneration:
+    """A tiny Qwen3-VL: the vision tower of ``qwen3_omni`` (DeepStack after decoder layer 0 by default), a dense
+    decoder with per-head q/k norms and interleaved M-RoPE."""
     torch.manual_seed(seed)
     cfg = Qwen3VLConfig(
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
-                           deepstack_visual_indexes=[0], num_position_embeddings=64),
+                           deepstack_visual_indexes=list(deepstack), num_position_embeddings=64),
         text_config=_text(head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                        "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
