@@ -848,17 +848,20 @@ def test_llava_next_fastervlm_scores_each_patch_by_its_own_crop():
     assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_fastervlm_uses_attention_received_at_the_last_vision_block(family_name):
     """Without [CLS], the score is the head-mean of the attention each merged token receives (mean over queries,
     mean over its 2x2 patches) at the last vision block. Reference: the block's own eager attention weights,
-    recorded through a registered attention function, mapped back from window order as the model's merger does."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
+    recorded through a registered attention function, mapped back from window order as the model's merger does
+    (Qwen2.5-VL; Qwen3-VL's tower has no windows)."""
+    import importlib
+
     from transformers.vision_utils import get_vision_window_index
 
+    modeling = importlib.import_module(f"transformers.models.{family_name}.modeling_{family_name}")
     model = tiny_model(family_name)
     inputs = tiny.batch(family_name, ONE_IMAGE)
-    weights = qwen_last_vision_block_attention(model, inputs, eager_attention_forward)  # (heads, 64, 64)
+    weights = qwen_last_vision_block_attention(model, inputs, modeling.eager_attention_forward)  # (heads, 64, 64)
     received = weights.mean(1).reshape(weights.shape[0], 16, 4).mean(-1)
     if family_name == "qwen2_5_vl":
         window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2,
