@@ -29,6 +29,14 @@ def generate(model, inputs):
         return model.generate(**inputs, **GEN)
 
 
+def generate_with_logits(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy new tokens ``(batch, n)`` and the prompt's last-position logits ``(batch, vocab)`` (generate's first
+    step, before any logits processor), from one generate() call."""
+    with torch.no_grad():
+        out = model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, -GEN["max_new_tokens"]:], out.logits[0]
+
+
 def last_logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits[:, -1]
@@ -41,10 +49,10 @@ kept_sets = final_kept
 def test_keep_all_equals_unpatched_model(family, method):
     model = tiny_model(family)
     inputs = tiny.batch(family, ONE_IMAGE)
-    ref_tokens, ref_logits = generate(model, inputs), last_logits(model, inputs)
+    ref_tokens, ref_logits = generate_with_logits(model, inputs)
     pruner = mmprune.get(method, keep=1.0)
     with pruner.attach(model):
-        tokens, logits = generate(model, inputs), last_logits(model, inputs)
+        tokens, logits = generate_with_logits(model, inputs)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     image = pruner.stats["samples"][0]["images"][0]
@@ -73,34 +81,33 @@ def test_detach_restores_model_exactly(family, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_left_padded_batch_matches_each_sample_alone(family, method):
+def test_padded_batches_match_each_sample_alone(family, method):
+    """Each sample of a mixed batch keeps the tokens it keeps alone, and gets the same greedy tokens when the batch
+    is left-padded (generate) and the same last-token logits when it is right-padded (one forward)."""
     model = tiny_model(family)
-    pruner = mmprune.get(method, keep=keep_for(method))
-    with pruner.attach(model):
-        batch_out = generate(model, tiny.batch(family, MIXED, side="left"))
-        batch_kept = kept_sets(pruner.stats)
-        for i, sample in enumerate(MIXED):
-            alone = generate(model, tiny.batch(family, [sample]))
-            assert kept_sets(pruner.stats)[0] == batch_kept[i]
-            assert torch.equal(alone[0, -GEN["max_new_tokens"]:], batch_out[i, -GEN["max_new_tokens"]:])
-    assert pruner.stats["samples"][0]["tokens_per_layer"][0] > 0
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_right_padded_batch_matches_each_sample_alone(family, method):
-    model = tiny_model(family)
-    inputs = tiny.batch(family, MIXED, side="right")
-    last = inputs["attention_mask"].sum(1) - 1
+    n = GEN["max_new_tokens"]
     pruner = mmprune.get(method, keep=keep_for(method))
     with pruner.attach(model), torch.no_grad():
+        alone_tokens, alone_logits, alone_kept = [], [], []
+        for sample in MIXED:
+            tokens, logits = generate_with_logits(model, tiny.batch(family, [sample]))
+            alone_tokens.append(tokens[0])
+            alone_logits.append(logits[0])
+            alone_kept.append(kept_sets(pruner.stats)[0])
+        left = generate(model, tiny.batch(family, MIXED, side="left"))
+        assert kept_sets(pruner.stats) == alone_kept
+        assert pruner.stats["samples"][0]["tokens_per_layer"][0] > 0
+        for i in range(len(MIXED)):
+            assert torch.equal(left[i, -n:], alone_tokens[i])
+
+        inputs = tiny.batch(family, MIXED, side="right")
+        last = inputs["attention_mask"].sum(1) - 1
         out = model(**inputs).logits
-        batch_kept = kept_sets(pruner.stats)
+        assert kept_sets(pruner.stats) == alone_kept
         after = [s["tokens_per_layer"][-1] - s["visual_tokens_before"] for s in pruner.stats["samples"]]
-        for i, sample in enumerate(MIXED):
-            alone = last_logits(model, tiny.batch(family, [sample]))
-            assert kept_sets(pruner.stats)[0] == batch_kept[i]
+        for i in range(len(MIXED)):
             # right padding keeps each sample's tokens at the front: its last real token moved by what it dropped
-            torch.testing.assert_close(out[i, last[i] + after[i]], alone[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out[i, last[i] + after[i]], alone_logits[i], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
