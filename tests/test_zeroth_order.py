@@ -1,6 +1,6 @@
 """ZOO-Prune (``zeroth_order``): the zeroth-order sensitivity at the projector against closed forms, the
 sensitivity-aware diversity selection against a plain loop, the whole rule on a hand-built image and on the tiny
-LLaVA, and the refusals."""
+LLaVA, Gemma 3, Idefics3 and SmolVLM, and the refusals."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tiny
 from mmprune.media import MediaItem, Segment
 from mmprune.methods.zeroth_order import (
     ZerothOrderPruner,
+    flat_spread,
     probe_directions,
     projector_sensitivity,
     sensitivity_diverse,
@@ -31,11 +32,12 @@ def loop_sensitivity(x: np.ndarray, project, directions: np.ndarray, h: float) -
     return out
 
 
-def loop_sads(z: np.ndarray, sensitivity: np.ndarray, k: int) -> list[int]:
-    """Sensitivity-aware diversity selection written out: min-max normalised sensitivity, first its argmax, then
-    argmax s_i * (1 - max cos to the picked), lowest index on ties; picks in order."""
+def loop_sads(z: np.ndarray, sensitivity: np.ndarray, k: int, flat: float = 0.0) -> list[int]:
+    """Sensitivity-aware diversity selection written out: min-max normalised sensitivity (ones when its spread is
+    at most ``flat`` of its largest value), first its argmax, then argmax s_i * (1 - max cos to the picked), lowest
+    index on ties; picks in order."""
     s = sensitivity.astype(np.float64)
-    s = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
+    s = (s - s.min()) / (s.max() - s.min()) if s.max() - s.min() > flat * abs(s.max()) else np.ones_like(s)
     zn = z / np.linalg.norm(z, axis=1, keepdims=True)
     picked = [int(np.argmax(s))]
     while len(picked) < k:
@@ -129,6 +131,15 @@ def test_constant_sensitivity_falls_back_to_diversity_from_token_zero():
     z = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [-1, 0.2]])
     assert sensitivity_diverse(z, torch.full((4,), 2.0), 3).tolist() == [0, 3, 2]
     assert loop_sads(z.numpy(), np.full(4, 2.0), 3) == [0, 3, 2]
+    rounding = torch.tensor([2.0, 2.0, 2.0, 2.00001])  # a linear projector's float32 central differences
+    assert sensitivity_diverse(z, rounding, 3, flat=flat_spread(torch.float32)).tolist() == [0, 3, 2]
+    assert sensitivity_diverse(z, rounding, 3).tolist() == [3, 0, 1]  # with no tolerance, rounding would rank
+
+
+def test_the_flat_spread_widens_for_coarse_formats():
+    assert flat_spread(torch.float32) == flat_spread(torch.float64) == 1e-3
+    assert flat_spread(torch.float16) == pytest.approx(10 * 2 ** -10)
+    assert flat_spread(torch.bfloat16) == pytest.approx(10 * 2 ** -7)
 
 
 def item(n_rows=4, n_cols=5, seed=0, newline=False):
@@ -184,14 +195,26 @@ def test_newline_tokens_are_never_candidates():
     assert everything.slots.tolist() == patches.tolist() and "newline tokens are not candidates" in everything.note
 
 
-def test_tiny_llava_keeps_what_the_rule_gives_on_its_projector(monkeypatch):
-    model = tiny_model("llava")
+def stock_projector(model, family: str):
+    """The family's projector as the model's own modules apply it to pre-projector features (row-wise)."""
+    inner = model.model
+    if family == "gemma3":  # Gemma3MultiModalProjector after its pooling: soft-embedding norm, then the matrix
+        projector = inner.multi_modal_projector
+        return lambda x: projector.mm_soft_emb_norm(x) @ projector.mm_input_projection_weight
+    if family in ("idefics3", "smolvlm"):  # the connector after its pixel shuffle
+        return inner.connector.modality_projection
+    return inner.multi_modal_projector
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3", "smolvlm"])
+def test_tiny_model_keeps_what_the_rule_gives_on_its_projector(monkeypatch, family):
+    model = tiny_model(family)
     seen = record_selects(monkeypatch, ZerothOrderPruner)
     pruner = mmprune.get("zeroth_order", keep=0.25)
     with pruner.attach(model), torch.no_grad():
-        model(**tiny.batch("llava", ONE_IMAGE))
+        model(**tiny.batch(family, ONE_IMAGE))
     (tokens, k), = seen
-    projector = model.model.multi_modal_projector
+    projector = stock_projector(model, family)
     features = tokens.get("vision_features")
     with torch.no_grad():
         torch.testing.assert_close(projector(features), tokens.embeds)  # the adapter's features are the input
@@ -199,14 +222,16 @@ def test_tiny_llava_keeps_what_the_rule_gives_on_its_projector(monkeypatch):
         x = features.double()
         s = np.array([np.mean([float(((projector((x[i] + 0.01 * u).float()) - projector((x[i] - 0.01 * u).float()))
                                       / 0.02).norm()) for u in bank]) for i in range(len(x))])
-    expected = sorted(loop_sads(tokens.embeds.double().numpy(), s, k))
+    expected = sorted(loop_sads(tokens.embeds.double().numpy(), s, k, flat=1e-3))
     assert pruner.stats["samples"][0]["images"][0]["kept"] == expected
+    if family in ("idefics3", "smolvlm"):  # a linear projection: diversity alone, from token 0
+        assert expected == sorted(loop_sads(tokens.embeds.double().numpy(), np.ones(len(x)), k))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "llava_onevision"])
 def test_families_without_pre_projector_features_are_refused_at_attach(family):
     model = tiny_model(family)
-    with pytest.raises(ValueError, match="zeroth_order supports llava, llava-next, internvl only"):
+    with pytest.raises(ValueError, match="zeroth_order supports llava, llava-next, internvl, gemma3, idefics3 only"):
         mmprune.get("zeroth_order").attach(model)
 
 

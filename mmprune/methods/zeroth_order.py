@@ -14,6 +14,15 @@ from mmprune.methods.params import Float, Int, param
 
 # elements of the perturbed inputs and outputs held at once (directions are probed in chunks of this size)
 PROBE_ELEMENTS = 1 << 25
+# a sensitivity whose spread over an image is at most this fraction of its largest value is rounding, not signal:
+# float32 central differences of a linear projector (Idefics3's) spread by ~1e-5; real projectors' by 1e-1 and more
+FLAT_SPREAD = 1e-3
+
+
+def flat_spread(dtype: torch.dtype) -> float:
+    """The relative spread below which a sensitivity probed in ``dtype`` counts as constant: ``FLAT_SPREAD``, or
+    ten machine epsilons of a coarser format (float16: 1e-2, bfloat16: 8e-2)."""
+    return max(FLAT_SPREAD, 10 * torch.finfo(dtype).eps)
 
 
 def probe_directions(seed: int, count: int, width: int) -> torch.Tensor:
@@ -44,14 +53,14 @@ def projector_sensitivity(features: torch.Tensor, project: Callable[[torch.Tenso
     return (total / directions.shape[0]).float()
 
 
-def sensitivity_diverse(embeds: torch.Tensor, sensitivity: torch.Tensor, k: int) -> torch.Tensor:
+def sensitivity_diverse(embeds: torch.Tensor, sensitivity: torch.Tensor, k: int, flat: float = 0.0) -> torch.Tensor:
     """ZOO-Prune's sensitivity-aware diversity selection, in pick order: with ``s`` the min-max normalised
-    sensitivity (all ones when it is constant), first ``argmax s``, then repeatedly
-    ``argmax_i s_i (1 - max_{j in P} cos(z_i, z_j))`` over the tokens not yet picked ``P`` (``z``: ``embeds``);
-    ties go to the lowest index."""
+    sensitivity (all ones when it is constant: its spread at most ``flat`` times its largest value), first
+    ``argmax s``, then repeatedly ``argmax_i s_i (1 - max_{j in P} cos(z_i, z_j))`` over the tokens not yet picked
+    ``P`` (``z``: ``embeds``); ties go to the lowest index."""
     s = sensitivity.float()
     low, high = s.min(), s.max()
-    s = (s - low) / (high - low) if bool(high > low) else torch.ones_like(s)
+    s = (s - low) / (high - low) if bool(high - low > flat * high.abs()) else torch.ones_like(s)
     z = F.normalize(embeds.float(), dim=-1)
     similarity = z @ z.T
     n = s.numel()
@@ -97,17 +106,23 @@ class ZerothOrderPruner(PreLLMPruner):
       * Ties go to the lowest index; picked tokens are excluded (so ``k`` distinct tokens are kept even where the
         products are all 0); a constant sensitivity (e.g. a linear projector, whose Jacobian is the same
         everywhere) normalises to all ones, so the selection is diversity alone from token 0 (min-max is 0/0).
+        Constant means a spread over the image of at most ``FLAT_SPREAD`` (1e-3) of the largest value, or ten
+        machine epsilons of a float16/bfloat16 projector: a linear projector's float32 central differences still
+        spread by ~1e-5, and min-max would otherwise rank tokens by that rounding.
       * Precision: the perturbed features are cast to the projector's dtype. Under fp16/bf16 a step of 0.01 spread
         over ~1000 unit-norm components (about 3e-4 each) is near the format's resolution, so the estimate is
         coarse there; float32 models probe exactly as written.
       * The paper's rank-128 low-rank approximation of the projector for speed on LLaVA-NeXT is not reproduced:
         the full projector is probed.
-    Families: LLaVA-1.5, LLaVA-NeXT and InternVL3 (the adapters that expose the pre-projector features and the
-    projector). LLaVA-NeXT: one selection over the whole image's patches (each with its own crop's features);
-    newline tokens have no vision features, so they are never kept (``k`` above the patches keeps every patch).
-    InternVL3 (not in the paper): a token's features are its pixel-shuffled 2 x 2 patch group, the vector its
-    projector reads, so the probes perturb that; one selection over the image's tiles. Qwen2-VL / Qwen2.5-VL (whose
-    merger the paper also probes) and LLaVA-OneVision expose neither, and are refused at attach.
+    Families: LLaVA-1.5, LLaVA-NeXT, InternVL3, Gemma 3 and Idefics3 / SmolVLM (the adapters that expose the
+    pre-projector features and the projector). LLaVA-NeXT: one selection over the whole image's patches (each with
+    its own crop's features); newline tokens have no vision features, so they are never kept (``k`` above the
+    patches keeps every patch). Not in the paper: InternVL3 and Idefics3 / SmolVLM, a token's features are its
+    pixel-shuffled patch group, the vector the projector reads, so the probes perturb that, with one selection over
+    the image's tiles and global image; Idefics3's projection is linear, so its sensitivity is constant and the
+    selection is diversity alone (see above). Gemma 3, a token's features are its 4 x 4 average-pooled patches and
+    the projector is the model's RMSNorm and linear map. Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (whose merger
+    the paper also probes) and LLaVA-OneVision expose neither, and are refused at attach.
     """
 
     keep: int | float = 64 / 576
@@ -118,7 +133,7 @@ class ZerothOrderPruner(PreLLMPruner):
     name: ClassVar[str] = "zeroth_order"
     summary: ClassVar[str] = ("projector sensitivity by zeroth-order random probes, times diversity, picked greedily "
                               "(ZOO-Prune)")
-    families: ClassVar[tuple[str, ...]] = ("llava", "llava-next", "internvl")
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava-next", "internvl", "gemma3", "idefics3")
 
     def select(self, tokens: MediaItem, k: int) -> Selection:
         if not tokens.has("vision_features"):
@@ -134,7 +149,8 @@ class ZerothOrderPruner(PreLLMPruner):
         features = tokens.get("vision_features").to(device)[index]
         directions = probe_directions(self.seed, self.directions, features.shape[-1])
         sensitivity = projector_sensitivity(features, tokens.project, directions, self.step, tokens.embeds.shape[-1])
-        selection = Selection.of(index[sensitivity_diverse(tokens.embeds[index], sensitivity, k)])
+        picks = sensitivity_diverse(tokens.embeds[index], sensitivity, k, flat_spread(features.dtype))
+        selection = Selection.of(index[picks])
         if k > index.numel():
             selection.note = f"{index.numel()} patches kept of a budget of {k}: newline tokens are not candidates"
         return selection
