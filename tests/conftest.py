@@ -25,8 +25,13 @@ def omni_supported() -> bool:
     return Version(upstream.transformers_version()) >= Version(upstream.OMNI_FIRST)
 
 
+def family_supported(family: str) -> bool:
+    """Whether this transformers release has the tiny ``family`` model's classes (the Omni thinkers: from 5.21)."""
+    return family not in OMNI_FAMILIES or omni_supported()
+
+
 def tiny_model(family: str) -> torch.nn.Module:
-    if family in OMNI_FAMILIES and not omni_supported():
+    if not family_supported(family):
         pytest.skip(f"Qwen2.5-Omni thinkers are supported from transformers {mmprune.upstream.OMNI_FIRST} "
                     "(tests/test_omni.py checks the refusal on older releases)")
     if family not in _models:
@@ -110,8 +115,7 @@ def not_run_because(method: str, family: str) -> str | None:
 
 def families_running(method: str) -> list[str]:
     """The tiny families this transformers release supports that run ``method`` (see ``not_run_because``)."""
-    return [family for family in FAMILIES if (omni_supported() or family not in OMNI_FAMILIES)
-            and not_run_because(method, family) is None]
+    return [family for family in FAMILIES if family_supported(family) and not_run_because(method, family) is None]
 
 
 @pytest.fixture(autouse=True)
@@ -135,11 +139,17 @@ def decoder(model: torch.nn.Module) -> torch.nn.Module:
     return mmprune.upstream.multimodal_decoder(model.model)
 
 
-def qwen_last_vision_block_attention(model, inputs, eager_attention_forward) -> torch.Tensor:
-    """``(heads, patches, patches)``: the eager attention weights of a Qwen vision tower's last block on the batch's
-    first image, recorded through a registered attention function (the tower keeps its own implementation
-    otherwise). ``eager_attention_forward`` is the family's own, from its modeling module."""
+def qwen_vision_attention_received(model, inputs, family: str) -> torch.Tensor:
+    """``(heads, merged tokens)``: each 2x2-merged token's mean attention received from every patch of the batch's
+    first image at a Qwen vision tower's last block (mean over queries, mean over its 4 patches), in the tower's
+    token order, from the block's eager attention weights (the family's own ``eager_attention_forward``) recorded
+    through a registered attention function (the tower keeps its own implementation otherwise)."""
+    import importlib
+
     from transformers import AttentionInterface
+
+    eager_attention_forward = importlib.import_module(
+        f"transformers.models.{family}.modeling_{family}").eager_attention_forward
 
     records = []
 
@@ -157,4 +167,5 @@ def qwen_last_vision_block_attention(model, inputs, eager_attention_forward) -> 
             visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     finally:
         visual.config._attn_implementation = previous
-    return records[-1][0]
+    weights = records[-1][0]  # (heads, patches, patches)
+    return weights.mean(1).reshape(weights.shape[0], -1, 4).mean(-1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SCORES_AT_LINEAR_LAYERS, method_for_tiny, qwen_last_vision_block_attention, tiny_model
+from conftest import SCORES_AT_LINEAR_LAYERS, method_for_tiny, qwen_vision_attention_received, tiny_model
 from test_in_llm import final, record, with_tokens
 
 import mmprune
@@ -21,16 +21,6 @@ LINEAR, FULL = [0, 1, 2], 3
 def generate(model, inputs, **kwargs):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **kwargs)
-
-
-def vision_attention_received(model, inputs) -> torch.Tensor:
-    """``(heads, merged tokens)``: each merged token's mean attention received from every patch of its image at the
-    last vision block (mean over its 2x2 patches), from the block's own eager attention weights, recorded through a
-    registered attention function."""
-    from transformers.models.qwen3_5.modeling_qwen3_5 import eager_attention_forward
-
-    weights = qwen_last_vision_block_attention(model, inputs, eager_attention_forward)
-    return weights.mean(1).reshape(weights.shape[0], -1, 4).mean(-1)
 
 
 def compacted_reference(model, inputs, kept: list[int]):
@@ -54,7 +44,7 @@ def compacted_reference(model, inputs, kept: list[int]):
 def test_fastervlm_keeps_the_tokens_that_receive_most_attention_at_the_last_vision_block():
     model = tiny_model("qwen3_5")
     inputs = tiny.batch("qwen3_5", [[3, ("img", 1), 4]])  # 8 x 12 patches: 4 x 6 merged tokens
-    expected = sorted(vision_attention_received(model, inputs).mean(0).topk(6).indices.tolist())
+    expected = sorted(qwen_vision_attention_received(model, inputs, "qwen3_5").mean(0).topk(6).indices.tolist())
     pruner = mmprune.get("fastervlm", keep=6)
     with pruner.attach(model), torch.no_grad():
         model(**inputs)
@@ -256,7 +246,8 @@ def test_the_flops_model_refuses_the_linear_attention_layers():
 
 
 # Attention-scored in-LLM methods with stage layers that score at the 8-layer model's attention layers (3 and 7)
-AT_ATTENTION_LAYERS = {"dart": dict(layer=4), "fastv": dict(layer=4), "pyramiddrop": dict(layers=[3, 7]), "feather": dict(layers=[4], keep=0.75)}
+AT_ATTENTION_LAYERS = {"dart": dict(layer=4), "fastv": dict(layer=4), "pyramiddrop": dict(layers=[3, 7]),
+                       "feather": dict(layers=[4], keep=0.75)}
 
 
 @pytest.mark.parametrize("method", SCORES_AT_LINEAR_LAYERS)

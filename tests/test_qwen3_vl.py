@@ -13,6 +13,7 @@ import tiny
 
 DEEPSTACK = ["qwen3_vl", "qwen3_omni"]  # families whose vision tower feeds DeepStack
 
+
 def moe_model():
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
